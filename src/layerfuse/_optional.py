@@ -1,0 +1,30 @@
+"""Lazy imports of optional dependencies with an error that names the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["is_available", "require"]
+
+
+def is_available(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it."""
+    return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def require(module: str, *, extra: str, purpose: str) -> ModuleType:
+    """Import ``module`` or raise an ``ImportError`` that says which extra provides it.
+
+    Args:
+        module: dotted module name, e.g. ``"timm"`` or ``"safetensors.torch"``.
+        extra: the ``layerfuse`` extra that installs it, e.g. ``"timm"``.
+        purpose: what needs it, completing "``<purpose>`` needs ``<module>``".
+    """
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ImportError(
+            f"{purpose} needs the optional dependency {module.split('.')[0]!r}, which is not installed; "
+            f"install it with: pip install 'layerfuse[{extra}]'"
+        ) from err

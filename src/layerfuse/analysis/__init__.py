@@ -1,0 +1,1 @@
+"""layerfuse.analysis."""
