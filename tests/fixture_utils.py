@@ -56,3 +56,14 @@ def assert_fixture_close(actual: Tensor, expected: Tensor, *, name: str, rel: fl
     err = (actual64 - expected64).abs().max().item()
     scale = expected64.abs().max().item()
     assert err <= rel * scale, f"{name}: max abs error {err:.3e} > {rel:.0e} * {scale:.3e}"
+
+
+def tap_fixture(fixture: Fixture, layers, tokens: str) -> list[Tensor]:
+    """What ``LayerTap(vit, layers, tokens=tokens)`` returns for the fixture's hidden states.
+
+    ``"patch"`` drops the CLS token when the fixture's tower has one (``config.has_cls``); SigLIP-style
+    towers have no prefix token, so every token is kept.
+    """
+    hidden = fixture.hidden_states()
+    drop = 1 if tokens == "patch" and fixture.config["has_cls"] else 0
+    return [hidden[k][:, drop:] for k in layers]

@@ -18,10 +18,13 @@ __all__ = [
     "check_choice",
     "check_feature_list",
     "check_grid",
+    "check_module_dtype",
     "check_positive_int",
     "check_same_batch",
+    "check_same_tokens",
     "check_widths",
     "resolve_grid",
+    "resolve_level_grids",
 ]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -96,6 +99,18 @@ def check_same_batch(where: str, tensors: Sequence[Tensor], *, name: str = "feat
     return batch
 
 
+def check_same_tokens(where: str, tensors: Sequence[Tensor], *, name: str = "features") -> int:
+    """Every (B, N, C) tensor has the token count N of the first; returns N."""
+    tokens = tensors[0].shape[1]
+    for i, t in enumerate(tensors):
+        if t.shape[1] != tokens:
+            shapes = [tuple(x.shape) for x in tensors]
+            raise ValueError(
+                f"{where}: {name}[{i}] has {t.shape[1]} tokens but {name}[0] has {tokens}; got shapes {shapes}"
+            )
+    return tokens
+
+
 def check_widths(where: str, features: Sequence[Tensor], widths: Sequence[int], *, name: str = "features") -> None:
     """Channel width of each feature equals the width the module was built for."""
     for i, (f, c) in enumerate(zip(features, widths, strict=True)):
@@ -152,3 +167,51 @@ def resolve_grid(
             "drop prefix (CLS/register) tokens first (tokens='patch') or pass the right grid"
         )
     return h, w
+
+
+def check_module_dtype(where: str, tensor: Tensor, dtype: torch.dtype, *, name: str = "features") -> None:
+    """``tensor`` has the module's parameter ``dtype``, unless autocast is on for its device (autocast
+    then picks the dtype of each op, and mixing is what it is for)."""
+    if tensor.dtype != dtype and not torch.is_autocast_enabled(tensor.device.type):
+        raise TypeError(
+            f"{where}: {name} have dtype {tensor.dtype} but the module's parameters are {dtype}; "
+            f"cast the inputs (or the module with .to({tensor.dtype})), or run under torch.autocast"
+        )
+
+
+def resolve_level_grids(
+    where: str,
+    levels: Sequence[tuple[int, Tensor]],
+    grid: Sequence[int] | None,
+    level_grids: object,
+    features: object = None,
+    default: Sequence[int] | None = None,
+) -> list[tuple[int, int]]:
+    """The (H, W) grid of each key/value level of an attention fuser.
+
+    ``levels`` pairs each level's position in ``features`` with its tensor (B, N, C). Without
+    ``level_grids`` every level takes the query's grid as :func:`resolve_grid` finds it; otherwise
+    ``level_grids`` holds one (H, W) per level, in order, each matching that level's token count.
+    """
+    if level_grids is None:
+        return [resolve_grid(f"{where}: features[{i}]", f.shape[1], grid, features, default) for i, f in levels]
+    if isinstance(level_grids, Tensor) or not isinstance(level_grids, Sequence):
+        raise TypeError(
+            f"{where}: level_grids expected a sequence of {len(levels)} (H, W) pairs, "
+            f"got {type(level_grids).__name__}"
+        )
+    if len(level_grids) != len(levels):
+        raise ValueError(
+            f"{where}: level_grids expected {len(levels)} (H, W) pairs, one per key/value level, "
+            f"got {len(level_grids)}: {list(level_grids)}"
+        )
+    grids = []
+    for (i, f), hw in zip(levels, level_grids):
+        h, w = check_grid(where, hw, name=f"level_grids entry for features[{i}]")
+        if h * w != f.shape[1]:
+            raise ValueError(
+                f"{where}: level grid {(h, w)} = {h * w} tokens does not fit features[{i}] with "
+                f"{f.shape[1]} tokens (shape {tuple(f.shape)}); drop prefix (CLS/register) tokens first"
+            )
+        grids.append((h, w))
+    return grids

@@ -11,20 +11,25 @@ from torch import Tensor
 
 from .._optional import require
 
-__all__ = ["load_checkpoint_file", "select_prefixed", "target_dtype"]
+__all__ = ["llava_projector_shape", "load_checkpoint_file", "select_prefixed", "target_dtype"]
+
+_LINEAR_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
 
 
-def load_checkpoint_file(path: str | Path) -> dict[str, Tensor]:
-    """Read a ``.safetensors`` file or a ``torch.save``\\ d ``.bin``/``.pt`` dict (tensors only)."""
+def load_checkpoint_file(path: str | Path, *, where: str = "from_official") -> dict[str, Tensor]:
+    """Read a ``.safetensors`` file or a ``torch.save``\\ d ``.bin``/``.pt`` dict (tensors only).
+
+    ``where`` names the caller in error messages.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"from_official: checkpoint file {path} does not exist")
+        raise FileNotFoundError(f"{where}: checkpoint file {path} does not exist")
     if path.suffix == ".safetensors":
         st = require("safetensors.torch", extra="safetensors", purpose="reading .safetensors checkpoints")
         return dict(st.load_file(str(path)))
     loaded = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(loaded, Mapping):
-        raise TypeError(f"from_official: {path} holds a {type(loaded).__name__}, expected a dict of tensors")
+        raise TypeError(f"{where}: {path} holds a {type(loaded).__name__}, expected a dict of tensors")
     return dict(loaded)
 
 
@@ -72,3 +77,38 @@ def target_dtype(tensors: Mapping[str, Tensor], dtype: torch.dtype | None, *, wh
     if torch.float64 in found:
         return torch.float64
     return torch.float32
+
+
+def llava_projector_shape(
+    projector_state: Mapping[str, Tensor], *, where: str, anchor: str = "mm_projector", first: int = 0
+) -> tuple[str, int, int]:
+    """``(kind, in_dim, out_dim)`` of a LLaVA ``linear`` / ``mlp{N}x_gelu`` projector from its weights.
+
+    ``projector_state`` has keys relative to the projector (``0.weight``, ``0.bias``, ``2.weight``, ...):
+    Linears at the indices first, first + 2, ..., first + 2(N-1) (GELUs in between hold no weights).
+    ``first=1`` reads MMFuser's layout, where the fuser sits at index 0 of the same ``Sequential``
+    (pass the keys without the fuser's). Any other key, or a gap in the run, is an error naming ``anchor``.
+    """
+    linears: dict[int, dict[str, Tensor]] = {}
+    unexpected = []
+    for key, value in projector_state.items():
+        match = _LINEAR_KEY.match(key)
+        if match is None or int(match.group(1)) < first or (int(match.group(1)) - first) % 2:
+            unexpected.append(f"{anchor}.{key}")
+            continue
+        linears.setdefault(int(match.group(1)), {})[match.group(2)] = value
+    if unexpected:
+        raise ValueError(
+            f"{where}: unexpected keys ({len(unexpected)}): {', '.join(sorted(unexpected))}; a LLaVA projector "
+            f"holds its Linears at {anchor}.{first}.*, {anchor}.{first + 2}.*, ..."
+        )
+    expected = list(range(first, first + 2 * len(linears), 2))
+    if not linears or sorted(linears) != expected or any("weight" not in p for p in linears.values()):
+        found = ", ".join(f"{anchor}.{i}.{name}" for i in sorted(linears) for name in sorted(linears[i])) or "none"
+        raise ValueError(
+            f"{where}: missing keys: a LLaVA projector needs {anchor}.{first}.weight, "
+            f"{anchor}.{first + 2}.weight, ... without gaps; found {found}"
+        )
+    out_dim, in_dim = linears[first]["weight"].shape
+    kind = "linear" if len(linears) == 1 else f"mlp{len(linears)}x_gelu"
+    return kind, int(in_dim), int(out_dim)

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TypeVar
+
+import torch
 from torch import nn
 
 from ..serialization import PretrainedMixin
 
 __all__ = ["Fuser"]
+
+F = TypeVar("F", bound="Fuser")
 
 
 class Fuser(PretrainedMixin, nn.Module):
@@ -26,3 +31,23 @@ class Fuser(PretrainedMixin, nn.Module):
     def num_inputs(self) -> int:
         """How many per-layer tensors ``forward`` expects."""
         return len(self.in_dims)
+
+    @classmethod
+    def from_preset(
+        cls: type[F],
+        name: str,
+        dim: int,
+        depth: int = 24,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> F:
+        """A published configuration by name, e.g. ``ConcatFuser.from_preset("dense_connector_dci", 1024)``.
+
+        ``dim`` is the ViT width and ``depth`` its number of blocks; :mod:`layerfuse.presets` lists the
+        names, their layers and the paper each comes from. Raises ``TypeError`` if the preset builds
+        another fuser class.
+        """
+        from ..presets import build_fuser
+
+        return build_fuser(name, dim=dim, depth=depth, expect=cls, device=device, dtype=dtype)

@@ -9,13 +9,12 @@ import torch
 from torch import Tensor, nn
 
 from .._checks import check_choice
+from ..features import TOKEN_MODES
 from ..layers.projector import Projector
 from ..serialization import PretrainedMixin
 from .base import Fuser
 
 __all__ = ["TOKEN_MODES", "FusionProjector"]
-
-TOKEN_MODES = ("patch", "cls_patch", "all")
 
 
 class FusionProjector(PretrainedMixin, nn.Module):

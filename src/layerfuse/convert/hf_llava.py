@@ -1,0 +1,158 @@
+"""Export a channel-concatenation fusion + LLaVA projector to HF ``LlavaForConditionalGeneration``.
+
+HF LLaVA (transformers >= 4.48) accepts a list-valued ``vision_feature_layer``: it takes
+``hidden_states[k]`` for each listed k, drops token 0 of each when
+``vision_feature_select_strategy="default"`` (keeps every token with ``"full"``), concatenates them
+on channels in list order and applies ``multi_modal_projector`` = ``linear_1``, GELU, ``linear_2``.
+That is exactly a :class:`~layerfuse.ConcatFuser` whose terms are single layers followed by an
+``mlp2x_gelu`` :class:`~layerfuse.Projector` (Dense Connector SCI, Lin et al. ``18``/``3-18-23``, the
+3-18-23 fusion, ``slicefour``). With the LayerNorm of ViP-LLaVA it is HF ``VipLlavaForConditionalGeneration``.
+Group means (DCI, ``former``/``latter``/``all``) have no HF equivalent and are refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from ..fusers.concat import ConcatFuser
+from ..fusers.pipeline import FusionProjector
+from ..serialization import load_strict
+
+__all__ = ["HFLlavaExport", "to_hf_llava"]
+
+
+@dataclass
+class HFLlavaExport:
+    """The HF side of an exported fusion projector.
+
+    Attributes:
+        architecture: ``"LlavaForConditionalGeneration"`` or ``"VipLlavaForConditionalGeneration"``.
+        config: the ``LlavaConfig`` / ``VipLlavaConfig`` fields that define the vision features and
+            projector (``vision_feature_layer``, ``vision_feature_select_strategy``,
+            ``projector_hidden_act``, ...); pass them to the config constructor.
+        projector_state: ``multi_modal_projector`` weights, keys relative to it (``linear_1.weight``,
+            ``linear_2.bias``, and ``projector_layernorm.*`` for ViP-LLaVA).
+    """
+
+    architecture: str
+    config: dict[str, Any]
+    projector_state: dict[str, Tensor] = field(repr=False)
+
+    def state_dict(self, prefix: str = "model.multi_modal_projector.") -> dict[str, Tensor]:
+        """The projector weights under their full key in a transformers 5 checkpoint."""
+        return {prefix + k: v for k, v in self.projector_state.items()}
+
+    def load_into(self, model: nn.Module) -> None:
+        """Copy the projector weights into an HF LLaVA model built from a config with :attr:`config`.
+
+        Checks that the model's config agrees with :attr:`config` (else its features would be built
+        from other layers) and loads strictly (nothing is copied on a mismatch).
+        """
+        where = "HFLlavaExport.load_into"
+        config = getattr(model, "config", None)
+        for key, value in self.config.items():
+            have = getattr(config, key, None)
+            have = list(have) if isinstance(have, (list, tuple)) else have
+            if have != value:
+                raise ValueError(
+                    f"{where}: model.config.{key} is {have!r} but the export needs {value!r}; build the model "
+                    f"from a config created with **export.config"
+                )
+        for path in ("model.multi_modal_projector", "multi_modal_projector"):
+            try:
+                projector = model.get_submodule(path)
+            except AttributeError:
+                continue
+            load_strict(projector, dict(self.projector_state), source=where)
+            return
+        raise TypeError(f"{where}: {type(model).__name__} has no multi_modal_projector; expected an HF LLaVA model")
+
+
+def _dropped_tokens(tokens: str, prefix_tokens: int, drop_first: bool) -> int:
+    if tokens == "patch":
+        dropped = prefix_tokens
+    elif tokens == "cls_patch":
+        dropped = prefix_tokens - 1 if prefix_tokens else 0
+    else:
+        dropped = 0
+    return dropped + int(drop_first)
+
+
+def to_hf_llava(module: FusionProjector | str | Path, *, vision_prefix_tokens: int = 1) -> HFLlavaExport:
+    """Express a channel-concatenation :class:`~layerfuse.FusionProjector` as an HF LLaVA projector.
+
+    Args:
+        module: the module, or a directory written by its ``save_pretrained``.
+        vision_prefix_tokens: prefix tokens of the vision tower (1 for CLIP's CLS, 0 for SigLIP). HF
+            drops either exactly token 0 (``"default"``) or nothing (``"full"``), so the tokens the
+            module's tap removes must amount to one of those.
+
+    Returns:
+        An :class:`HFLlavaExport`: ``LlavaConfig(vision_config=..., text_config=..., **export.config)``,
+        build the model, then ``export.load_into(model)``.
+
+    Raises:
+        TypeError: the fuser is not a :class:`~layerfuse.ConcatFuser`.
+        ValueError: group means, a projector other than ``mlp2x_gelu``, or token handling HF cannot
+            express.
+
+    Example:
+        ```python
+        module = from_official("lin_ed", sd, strategy="3-18-23")
+        export = to_hf_llava(module)
+        export.config["vision_feature_layer"]  # [3, 18, 23]
+        ```
+    """
+    where = "to_hf_llava"
+    if isinstance(module, (str, Path)):
+        module = FusionProjector.from_pretrained(module)
+    if not isinstance(module, FusionProjector):
+        raise TypeError(f"{where}: module expected a FusionProjector or a saved directory, got {type(module).__name__}")
+    fuser, projector = module.fuser, module.projector
+    if not isinstance(fuser, ConcatFuser):
+        raise TypeError(
+            f"{where}: HF LLaVA concatenates plain layers on channels; a {type(fuser).__name__} cannot be "
+            "expressed (only ConcatFuser can)"
+        )
+    means = [list(g) for g in fuser.terms if len(g) > 1]
+    if means:
+        raise ValueError(
+            f"{where}: the fuser averages layer groups (inputs {means}); HF vision_feature_layer lists single "
+            "layers only, so group means (Dense Connector DCI, Lin former/latter/all) cannot be exported"
+        )
+    if projector.kind != "mlp2x_gelu":
+        raise ValueError(
+            f"{where}: HF LLaVA's multi_modal_projector is Linear, GELU, Linear (mlp2x_gelu); got "
+            f"projector kind {projector.kind!r}"
+        )
+    dropped = _dropped_tokens(module.tokens, vision_prefix_tokens, fuser.drop_first_token)
+    if dropped not in (0, 1):
+        raise ValueError(
+            f"{where}: tokens={module.tokens!r} with {vision_prefix_tokens} prefix token(s) drops {dropped} "
+            "leading tokens per layer; HF drops exactly 1 ('default') or 0 ('full')"
+        )
+    layers = [module.layers[g[0]] for g in fuser.terms]
+    config: dict[str, Any] = {
+        "vision_feature_layer": layers[0] if len(layers) == 1 else layers,
+        "projector_hidden_act": "gelu",
+    }
+    state = {
+        "linear_1.weight": projector[0].weight.detach().clone(),
+        "linear_1.bias": projector[0].bias.detach().clone(),
+        "linear_2.weight": projector[2].weight.detach().clone(),
+        "linear_2.bias": projector[2].bias.detach().clone(),
+    }
+    if fuser.norm is None:
+        config["vision_feature_select_strategy"] = "default" if dropped else "full"
+        config["multimodal_projector_bias"] = True
+        return HFLlavaExport("LlavaForConditionalGeneration", config, state)
+    if dropped != 1:
+        raise ValueError(f"{where}: HF VipLlava always drops token 0 of each layer; this module drops {dropped}")
+    config["projector_layernorm_eps"] = fuser.eps
+    state["projector_layernorm.weight"] = fuser.norm.weight.detach().clone()
+    state["projector_layernorm.bias"] = fuser.norm.bias.detach().clone()
+    return HFLlavaExport("VipLlavaForConditionalGeneration", config, state)

@@ -1,0 +1,125 @@
+"""Multi-head attention layer (projections around :func:`layerfuse.ops.attention.attention`).
+
+Leaf names ``to_q``, ``to_kv`` and ``to_out`` deliberately differ from the LLM projection names that
+LoRA tooling targets by suffix (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so a fusion module
+placed under ``mm_projector`` is never LoRA-wrapped by accident.
+"""
+
+# b batch, n query tokens, m key tokens, h heads, d head dim
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from .._checks import check_positive_int
+from ..ops.attention import attention, windowed_attention
+from ..ops.attention.dispatch import check_backend_name
+
+__all__ = ["Attention"]
+
+
+class Attention(nn.Module):
+    r"""Multi-head (cross- or self-) attention with an optional local window.
+
+    ``to_q`` projects the queries, ``to_kv`` the context into keys and values, ``to_out`` the
+    concatenated heads. With ``window`` the queries and every context level are token grids and each
+    query attends only to its window of each level (:func:`~layerfuse.ops.attention.windowed_attention`);
+    without it every query attends to every context token.
+
+    Args:
+        dim: query width C (also the output width).
+        heads: attention heads; must divide ``dim``. Default: ``8``
+        context_dim: width of the keys/values source. Default: ``dim``
+        qkv_bias: biases on ``to_q`` and ``to_kv``. Default: ``True``
+        attn_drop: attention-weight dropout, active in training mode. Default: ``0.0``
+        backend: attention backend, fixed at construction. Default: ``"auto"``
+
+    Shape:
+        - x: (B, N, C); context: (B, M, context_dim) (``None`` = self-attention); output: (B, N, C)
+
+    Example:
+        >>> attn = Attention(256, heads=4)
+        >>> attn(torch.randn(2, 64, 256), torch.randn(2, 300, 256)).shape
+        torch.Size([2, 64, 256])
+    """
+
+    dim: int
+    heads: int
+    context_dim: int
+    attn_drop: float
+    backend: str
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int = 8,
+        *,
+        context_dim: int | None = None,
+        qkv_bias: bool = True,
+        attn_drop: float = 0.0,
+        backend: str = "auto",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        where = "Attention"
+        check_positive_int(where, "dim", dim)
+        check_positive_int(where, "heads", heads)
+        if dim % heads:
+            raise ValueError(f"{where}: heads={heads} must divide dim={dim}")
+        if not 0.0 <= attn_drop < 1.0:
+            raise ValueError(f"{where}: attn_drop expected a float in [0, 1), got {attn_drop}")
+        context_dim = dim if context_dim is None else check_positive_int(where, "context_dim", context_dim)
+        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.dim, self.heads, self.context_dim = dim, heads, context_dim
+        self.attn_drop, self.backend = float(attn_drop), check_backend_name(where, backend)
+        self.to_q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
+        self.to_kv = nn.Linear(context_dim, 2 * dim, bias=qkv_bias, **dd)
+        self.to_out = nn.Linear(dim, dim, **dd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for linear in (self.to_q, self.to_kv, self.to_out):
+            nn.init.xavier_uniform_(linear.weight)
+            if linear.bias is not None:
+                nn.init.zeros_(linear.bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        context: Tensor | None = None,
+        *,
+        window: int | Sequence[int] | None = None,
+        query_grid: tuple[int, int] | None = None,
+        context_grids: Sequence[tuple[int, int]] | None = None,
+    ) -> Tensor:
+        """Attend from ``x`` to ``context`` (to ``x`` itself when ``context`` is ``None``).
+
+        With ``window``, ``query_grid`` is the (H, W) grid of ``x`` and ``context_grids`` the grids of
+        the context levels concatenated in ``context`` (default: ``[query_grid]``).
+        """
+        context = x if context is None else context
+        q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
+        k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
+        dropout_p = self.attn_drop if self.training else 0.0
+        if window is None:
+            out = attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
+        else:
+            if query_grid is None:
+                raise ValueError("Attention.forward: window needs query_grid=(H, W)")
+            out = windowed_attention(
+                q, k, v, query_grid=query_grid, key_grids=context_grids or [query_grid], window=window,
+                dropout_p=dropout_p, backend=self.backend,
+            )
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+    def extra_repr(self) -> str:
+        return (
+            f"dim={self.dim}, heads={self.heads}, context_dim={self.context_dim}, "
+            f"attn_drop={self.attn_drop}, backend={self.backend!r}"
+        )

@@ -1,0 +1,219 @@
+"""Pure-PyTorch multi-scale deformable attention sampling: runs everywhere and is the test oracle.
+
+Each sample point is a bilinear blend of at most four value rows. Instead of one ``grid_sample`` per
+level followed by a weighted sum, the L·P·4 corners of one (batch, query, head) form one "bag" of
+rows of the flat (B·S·M, D) value table, each with weight (bilinear weight) × (inside the map) ×
+(attention weight). ``F.embedding_bag(mode="sum", per_sample_weights=...)`` forms the weighted sum
+without materialising the gathered rows, for all levels at once whatever their grids. The backward
+is written by hand (:class:`DeformableSampling`). On a 2-core CPU at LLaVA-1.5 scale (4 levels of
+24x24, 576 queries, 16 heads of 64, 4 points, batch 2) it measured 3.3x faster forward and 3.9x
+faster forward+backward than the per-level ``grid_sample`` formulation, with 0.4x of its peak memory
+(``benchmarks/deform_attn.py``).
+"""
+
+# Axis legend: b batch, s value rows (all levels), q queries, m heads, d head dim, l levels,
+# p points, cy/cx the near (0) and far (1) neighbour along y/x, xy the coordinate axis (x, y),
+# n = b·q·m bags, k = cy·cx·l·p bag entries.
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor
+
+from .common import MSDABackend, MSDAInputs
+
+__all__ = ["DeformableSampling", "PyTorchBackend", "compute_dtype", "ms_deform_attn_pytorch"]
+
+_INT32_MAX = 2**31 - 1
+# Offset of the near and far neighbour along an axis, and the sign of d(weight)/d(coordinate).
+_NEAR_FAR = torch.tensor([0.0, 1.0]).view(2, 1, 1, 1)
+_NEAR_FAR_SIGN = torch.tensor([-1.0, 1.0]).view(2, 1, 1, 1)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sampling and the weighted sum run in: float64 stays, everything else is float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class DeformableSampling(torch.autograd.Function):
+    """Bilinear sampling of every level plus the attention-weighted sum, with a hand-written backward.
+
+    Forward: corner rows and weights, then one ``F.embedding_bag``. Backward:
+
+    - value: the transpose of the bags. Entries are sorted by table row once and a second
+      ``embedding_bag`` over those variable-size bags sums ``grad_out[n] · weight[n, k]`` into every
+      row (ATen's own embedding-bag table gradient sorts and scatters through several more passes).
+    - corner weights: one dot product ``grad_out[n] · table[rows[n, k]]`` per entry
+      (:func:`_corner_dots`), never gathering a K×D block per bag.
+    - locations and attention weights: the product rule on the bilinear weights, in closed form.
+
+    Inputs (validated by the caller): ``table`` (B·S·M, D), ``loc`` (B, Nq, M, L, P, 2) and ``attn``
+    (B, Nq, M, L, P), all in the compute dtype, and the level shapes as python ints.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        table: Tensor,
+        loc: Tensor,
+        attn: Tensor,
+        spatial_shapes: tuple[tuple[int, int], ...],
+        num_rows: int,
+    ) -> Tensor:
+        c = _corners(loc, attn, spatial_shapes, num_rows, table.shape[0])
+        # Keeping the corners (a few bytes per sample) spares the backward recomputing them; on a busy
+        # CPU every extra elementwise pass costs a thread synchronisation.
+        ctx.save_for_backward(table, attn, c.rows, c.weights, c.bil, c.axis_weights, c.inside, c.sizes)
+        return F.embedding_bag(c.rows, table, per_sample_weights=c.weights, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
+        table, attn, rows, weights, bil, axis_weights, inside, sizes = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        bag_size = rows.shape[1]
+        grad_table = grad_loc = grad_attn = None
+        if ctx.needs_input_grad[0]:
+            flat = rows.flatten()
+            sorted_rows, order = torch.sort(flat, stable=True)
+            # First sorted entry of every table row; a fixed-size result (unlike bincount's, whose
+            # size depends on the data), so torch.compile can trace it.
+            starts = torch.arange(table.shape[0], device=flat.device, dtype=flat.dtype)
+            offsets = torch.searchsorted(sorted_rows, starts)  # int64, like order
+            grad_table = F.embedding_bag(
+                order // bag_size, grad_out, offsets, per_sample_weights=weights.flatten()[order], mode="sum"
+            )
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            grad_w = _corner_dots(grad_out, table, rows).view(bil.shape)  # (b, q, m, cy, cx, l, p)
+            if ctx.needs_input_grad[2]:
+                grad_attn = (grad_w * bil).sum((3, 4))
+            if ctx.needs_input_grad[1]:
+                g = grad_w * attn[:, :, :, None, None]
+                # bil[cy, cx] = w[cy, y] * w[cx, x], and w[0] = (1 - frac) * inside[0],
+                # w[1] = frac * inside[1], so d/du w = (-inside[0], +inside[1]) per axis.
+                grad_axis = torch.stack(
+                    [(g * axis_weights[:, :, :, :, None, 1]).sum(3), (g * axis_weights[:, :, :, None, :, 0]).sum(4)],
+                    dim=4,
+                )  # (b, q, m, corner, xy, l, p)
+                grad_xy = (grad_axis * inside * _NEAR_FAR_SIGN.to(grad_axis)).sum(3) * sizes
+                grad_loc = rearrange(grad_xy, "b q m xy l p -> b q m l p xy")
+        return grad_table, grad_loc, grad_attn, None, None
+
+
+def _corner_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
+    """``grad_out[n] · table[rows[n, k]]`` for every bag entry, as (n, k).
+
+    This is a sampled dense-dense product: ``grad_out @ table.T`` evaluated only at each bag's K
+    rows. On the CPU ``torch.sparse.sampled_addmm`` evaluates it with vectorised dot products in
+    one parallel pass, several times faster than ATen's per-entry embedding-bag kernel, which serves
+    elsewhere and under ``torch.compile`` (sparse tensors do not trace). The CSR pattern is only a
+    list of (bag, row) pairs here: the CPU kernel computes every entry on its own, so rows need not
+    be sorted or unique within a bag, but a bag may not list more entries than the table has rows
+    (its size check), hence the fallback for tiny tables.
+    """
+    num_bags, bag_size = rows.shape
+    flat = rows.flatten()
+    if table.device.type != "cpu" or torch.compiler.is_compiling() or bag_size > table.shape[0]:
+        offsets = torch.arange(0, num_bags * bag_size, bag_size, device=flat.device, dtype=flat.dtype)
+        offset2bag = torch.arange(num_bags, device=flat.device, dtype=flat.dtype).repeat_interleave(bag_size)
+        dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(grad_out, table, flat, offsets, offset2bag, 0)
+        return dots.view(num_bags, bag_size)
+    crow = torch.arange(0, num_bags * bag_size + 1, bag_size, dtype=flat.dtype)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+        pattern = torch.sparse_csr_tensor(
+            crow, flat, torch.zeros(flat.shape, dtype=table.dtype),
+            size=(num_bags, table.shape[0]), check_invariants=False,
+        )
+    return torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0).values().view(num_bags, bag_size)
+
+
+class _Corners(NamedTuple):
+    rows: Tensor  # (n, k) rows of the flat value table
+    weights: Tensor  # (n, k) bilinear × inside × attention weights
+    bil: Tensor  # (b, q, m, cy, cx, l, p) bilinear × inside weights
+    axis_weights: Tensor  # (b, q, m, corner, xy, l, p) weights of the near (0) and far (1) neighbour
+    inside: Tensor  # (b, q, m, corner, xy, l, p) bool: that neighbour lies inside the map
+    sizes: Tensor  # (xy, l, 1) map sizes (W, H)
+
+
+def _corners(
+    loc: Tensor, attn: Tensor, spatial_shapes: tuple[tuple[int, int], ...], num_rows: int, table_rows: int
+) -> _Corners:
+    """Corner rows and weights of every sample.
+
+    Samples (l, p) stay the innermost, contiguous axes so that every elementwise pass broadcasts over
+    leading axes only (a vectorised inner loop); x and y travel together on the ``xy`` axis.
+    """
+    b, _, m, _, _, _ = loc.shape
+    dev, work = loc.device, loc.dtype
+    index_dtype = torch.int32 if table_rows <= _INT32_MAX else torch.int64
+    sizes = torch.tensor([[w for _, w in spatial_shapes], [h for h, _ in spatial_shapes]], device=dev, dtype=work)
+    sizes = sizes[:, :, None]  # (xy, l, 1)
+    xy = rearrange(loc, "b q m l p xy -> b q m xy l p").contiguous()
+    # Pixel centres at integers (align_corners=False). Clamping to a band one pixel wider than the
+    # map keeps floor() finite for far-away points and changes nothing: beyond -1 or the size both
+    # neighbours are outside, so the sample and its gradient are zero either way.
+    u = torch.clamp(torch.addcmul(sizes.new_tensor(-0.5), xy, sizes), torch.full_like(sizes, -2.0), sizes + 1.0)
+    u0 = u.floor()
+    frac = u - u0
+    near_far = u0[:, :, :, None] + _NEAR_FAR.to(u0)  # (b, q, m, corner, xy, l, p)
+    clamped = torch.clamp(near_far, torch.zeros_like(sizes), sizes - 1.0)
+    inside = clamped == near_far
+    axis_weights = torch.stack([1.0 - frac, frac], dim=3) * inside
+    bil = axis_weights[:, :, :, :, None, 1] * axis_weights[:, :, :, None, :, 0]  # (b, q, m, cy, cx, l, p)
+    weights = rearrange(bil * attn[:, :, :, None, None], "b q m cy cx l p -> (b q m) (cy cx l p)")
+
+    # Row of value[b, s, m] in the flat (b·s·m, d) table: base + y·W·M + x·M.
+    areas = [h * w for h, w in spatial_shapes]
+    level_start = torch.tensor([sum(areas[:i]) for i in range(len(areas))], device=dev, dtype=index_dtype)
+    strides = torch.tensor([[m] * len(areas), [w * m for _, w in spatial_shapes]], device=dev, dtype=index_dtype)
+    batch = torch.arange(b, device=dev, dtype=index_dtype).view(b, 1, 1, 1, 1, 1, 1)
+    head = torch.arange(m, device=dev, dtype=index_dtype).view(1, 1, m, 1, 1, 1, 1)
+    base = (batch * num_rows + level_start.view(-1, 1)) * m + head  # (b, 1, m, 1, 1, l, 1)
+    offsets = clamped.to(index_dtype) * strides[:, :, None]
+    rows = (offsets[:, :, :, :, None, 1] + base) + offsets[:, :, :, None, :, 0]
+    rows = rearrange(rows, "b q m cy cx l p -> (b q m) (cy cx l p)")
+    return _Corners(rows, weights, bil, axis_weights, inside, sizes)
+
+
+def ms_deform_attn_pytorch(
+    value: Tensor,
+    spatial_shapes: Sequence[tuple[int, int]],
+    sampling_locations: Tensor,
+    attention_weights: Tensor,
+) -> Tensor:
+    """Deformable sampling of ``value`` at ``sampling_locations``, summed with ``attention_weights``.
+
+    Inputs are assumed validated (see :func:`layerfuse.ops.ms_deform_attn`); ``spatial_shapes`` holds
+    python ints, so ``torch.compile`` sees them as constants. Runs in float32 (float64 for float64
+    inputs) and returns (B, Nq, M·D) in ``value.dtype``.
+    """
+    b, s, m, d = value.shape
+    work = compute_dtype(value.dtype)
+    out = DeformableSampling.apply(
+        value.to(work).reshape(b * s * m, d),
+        sampling_locations.to(work),
+        attention_weights.to(work),
+        tuple((int(h), int(w)) for h, w in spatial_shapes),
+        s,
+    )
+    return rearrange(out, "(b q m) d -> b q (m d)", b=b, m=m).to(value.dtype)
+
+
+class PyTorchBackend(MSDABackend):
+    """:func:`ms_deform_attn_pytorch`: every device and floating dtype, compiles, differentiable."""
+
+    name = "pytorch"
+    SUPPORTED_DEVICES = None
+    SUPPORTED_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+    def apply(self, inputs: MSDAInputs) -> Tensor:
+        return ms_deform_attn_pytorch(
+            inputs.value, inputs.spatial_shapes, inputs.sampling_locations, inputs.attention_weights
+        )
