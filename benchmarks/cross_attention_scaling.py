@@ -16,7 +16,6 @@ query has N = G² tokens and the keys M = 4·G². Rows per grid:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Iterator
 
 import torch
@@ -65,17 +64,6 @@ def dense_window_mask() -> Iterator[None]:
         attention_layer.windowed_attention = original
 
 
-def keep_large_allocations_unpooled() -> None:
-    """Make the CPU peak-memory column per row.
-
-    glibc raises its mmap threshold after large frees, so later rows reuse memory that is already
-    resident and read as ~0 MiB. A fixed threshold keeps every allocation above 128 KiB in its own
-    mapping, returned to the OS when freed, so each row's resident-set peak is its own.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").mallopt(-3, 128 * 1024)  # -3 = M_MMAP_THRESHOLD
-
-
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], default_json="cross_attention_scaling.json")
     parser.add_argument("--grids", default="24,48,64", help="comma-separated grid sides G")
@@ -90,7 +78,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    keep_large_allocations_unpooled()
     grids = [4, 6] if args.quick else [int(g) for g in args.grids.split(",")]
     dim, heads, window = (32, 2, 3) if args.quick else (args.dim, args.heads, args.window)
     repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)

@@ -14,10 +14,8 @@ Settings: ``llava`` is MMFuser at LLaVA-1.5 scale (4 levels of 24x24, 576 querie
 at batch 1 on the CPU and 8 on CUDA. "forward" runs under ``torch.no_grad()``; "forward+backward"
 takes gradients of value, locations and weights.
 
-Peak memory on CUDA is the caching allocator's peak. On the CPU the process's resident set does not
-show it (glibc keeps freed blocks and reuses them), so CPU rows report the largest total size of
-tensors alive at once during one call, counted op by op by a dispatch mode (scratch memory inside a
-single ATen kernel is not seen, for either formulation).
+Peak memory is measured by ``harness.measure``: the CUDA allocator's peak, or on the CPU the largest
+total size of tensors alive at once during one call.
 
     python benchmarks/deform_attn.py --device cpu --repeats 3
     python benchmarks/deform_attn.py --device cuda --dtypes float32,bfloat16
@@ -26,15 +24,11 @@ single ATen kernel is not seen, for either formulation).
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from harness import Result, base_parser, devices_from, measure, print_table, write_json
 from layerfuse.ops import ms_deform_attn
@@ -61,41 +55,6 @@ def grid_sample_per_level(value: Tensor, shapes: list[tuple[int, int]], loc: Ten
     weights = attn.transpose(1, 2).reshape(b * m, 1, nq, num_levels * num_points)
     out = (torch.stack(samples, dim=-2).flatten(-2) * weights).sum(-1).view(b, m * d, nq)
     return out.transpose(1, 2).contiguous().to(out_dtype)
-
-
-class _LiveTensorBytes(TorchDispatchMode):
-    """Running and peak total size of the tensor storages created under it and still alive."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live = self.peak = 0
-        self._seen: set[int] = set()
-
-    def _release(self, key: int, nbytes: int) -> None:
-        self.live -= nbytes
-        self._seen.discard(key)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, Tensor) and t.layout == torch.strided:  # sparse outputs hold strided parts
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key and key not in self._seen:
-                    self._seen.add(key)
-                    self.live += storage.nbytes()
-                    weakref.finalize(storage, self._release, key, storage.nbytes())
-                    self.peak = max(self.peak, self.live)
-        return out
-
-
-def tensor_peak_mib(fn: Callable[[], Any]) -> float:
-    """Largest total size (MiB) of tensors created by one call of ``fn`` and alive at the same time."""
-    counter = _LiveTensorBytes()
-    with counter:
-        out = fn()
-        del out
-    return counter.peak / 2**20
 
 
 def make_inputs(setting: str, device: torch.device, dtype: torch.dtype, quick: bool) -> tuple:
@@ -149,8 +108,6 @@ def main() -> None:
 
                     results.append(measure(forward, case=name, device=device, dtype=dtype, mode="forward",
                                            warmup=warmup, repeats=repeats, settings=settings))
-                    if device.type == "cpu":
-                        results[-1].peak_mib = tensor_peak_mib(forward)
                     leaves = [t.detach().requires_grad_() for t in (value, loc, attn)]
 
                     def step(f=fn, v=leaves[0], s=shapes, lc=leaves[1], a=leaves[2]):
@@ -160,10 +117,7 @@ def main() -> None:
 
                     results.append(measure(step, case=name, device=device, dtype=dtype, mode="forward+backward",
                                            warmup=warmup, repeats=repeats, settings=settings))
-                    if device.type == "cpu":
-                        results[-1].peak_mib = tensor_peak_mib(step)
-    print_table(results, title="ms_deform_attn, median over repeats after warm-up; peak = extra memory of one call "
-                "(CPU: tensors alive at once)",
+    print_table(results, title="ms_deform_attn, median over repeats after warm-up; peak = extra memory of one call'",
                 baseline=lambda r: BASELINE)
     write_json(results, args.json, benchmark="deform_attn")
 

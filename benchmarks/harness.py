@@ -1,10 +1,11 @@
 """Timing and peak-memory measurement shared by every benchmark script.
 
 Each case is timed as the median of ``repeats`` runs after ``warmup`` runs. Peak memory is the extra
-memory a single run needs above what was live before it: on CUDA from the caching allocator's peak
-counter, on the CPU from the process's peak resident set (Linux resets it through
-``/proc/self/clear_refs``), so CPU figures include allocator slack and are comparable between rows of
-one run rather than exact byte counts.
+memory one more run needs above what was live before it: on CUDA the caching allocator's peak counter;
+on the CPU the largest total size of the tensor storages created by the run and alive at the same
+time, counted op by op by a dispatch mode. (The process's resident set does not show CPU peaks: glibc
+keeps freed blocks and reuses them, so later rows would read near zero. Scratch memory inside a single
+ATen kernel is not seen, for any row.)
 """
 
 from __future__ import annotations
@@ -13,15 +14,18 @@ import argparse
 import gc
 import json
 import platform
-import re
 import statistics
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 __all__ = ["Result", "base_parser", "devices_from", "environment", "measure", "print_table", "write_json"]
 
@@ -48,9 +52,30 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rss_kib(field_name: str) -> int:
-    match = re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text())
-    return int(match.group(1)) if match else 0
+class _LiveTensorBytes(TorchDispatchMode):
+    """Running and peak total size of the tensor storages created under it and still alive."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+        self._seen: set[int] = set()
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self.live -= nbytes
+        self._seen.discard(key)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, Tensor) and t.layout == torch.strided:  # sparse outputs hold strided parts
+                storage = t.untyped_storage()
+                key = storage.data_ptr()
+                if key and key not in self._seen:
+                    self._seen.add(key)
+                    self.live += storage.nbytes()
+                    weakref.finalize(storage, self._release, key, storage.nbytes())
+                    self.peak = max(self.peak, self.live)
+        return out
 
 
 def _peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> float:
@@ -64,15 +89,11 @@ def _peak_extra_mib(fn: Callable[[], Any], device: torch.device) -> float:
         peak = torch.cuda.max_memory_allocated(device)
         del out
         return (peak - before) / 2**20
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-    except OSError:
-        return float("nan")
-    before = _rss_kib("VmRSS")
-    out = fn()
-    peak = _rss_kib("VmHWM")
-    del out
-    return (peak - before) / 1024
+    counter = _LiveTensorBytes()
+    with counter:
+        out = fn()
+        del out
+    return counter.peak / 2**20
 
 
 def measure(

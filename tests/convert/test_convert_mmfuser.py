@@ -145,7 +145,7 @@ def test_lin_em_strategies(strategy, tower, layers):
     assert isinstance(module, FusionProjector)
     assert module.layers == layers
     assert module.tokens == "patch"
-    assert lin_selected_layers(strategy, tower, where="t")[-1] == layers[-1]
+    assert lin_selected_layers(strategy, tower, where="t", paradigm="E_M")[-1] == layers[-1]
 
 
 def test_lin_em_bad_options():

@@ -75,12 +75,7 @@ def convert_lin_ed(
             not fit the strategy.
     """
     where = "convert_lin_ed"
-    if strategy == "3-18":
-        raise ValueError(
-            f"{where}: strategy='3-18' builds no E_D projector in the authors' code (their builder returns "
-            "None); '3-18-23' is the same external model, use strategy='3-18-23'"
-        )
-    selected = lin_selected_layers(strategy, tower, where=where)
+    selected = lin_selected_layers(strategy, tower, where=where, paradigm="E_D")
     if tower == "clip" and drop_first_token:
         raise ValueError(
             f"{where}: drop_first_token=True is for SigLIP only; with CLIP the tap already drops the CLS "

@@ -60,12 +60,7 @@ def convert_lin_em(
             matching the weights, or a number of levels that does not match the strategy.
     """
     where = "convert_lin_em"
-    if strategy == "3-18":
-        raise ValueError(
-            f"{where}: strategy='3-18' builds no E_M projector in the authors' code (their builder returns "
-            "None); '3-18-23' is the same external model, use strategy='3-18-23'"
-        )
-    selected_list = lin_selected_layers(strategy, tower, where=where)
+    selected_list = lin_selected_layers(strategy, tower, where=where, paradigm="E_M")
     num_levels = _EM_LEVELS[strategy]
     layers = (*selected_list[:num_levels], selected_list[-1])
     selected = select_prefixed(state_dict, "mm_projector_f", where=where)

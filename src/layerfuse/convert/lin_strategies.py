@@ -27,8 +27,17 @@ LIN_SELECTED_LAYERS: dict[str, dict[str, tuple[int, ...]]] = {
 LIN_TOWERS = tuple(LIN_SELECTED_LAYERS)
 
 
-def lin_selected_layers(strategy: str, tower: str, *, where: str) -> tuple[int, ...]:
-    """The authors' selected hidden-state list for ``strategy`` on ``tower`` (``"clip"`` or ``"siglip"``)."""
+def lin_selected_layers(strategy: str, tower: str, *, where: str, paradigm: str) -> tuple[int, ...]:
+    """The authors' selected hidden-state list for ``strategy`` on ``tower`` (``"clip"`` or ``"siglip"``).
+
+    ``paradigm`` (``"E_D"`` or ``"E_M"``) only words the error for ``"3-18"``, for which the authors'
+    builder makes no external projector at all.
+    """
+    if strategy == "3-18":
+        raise ValueError(
+            f"{where}: strategy='3-18' builds no {paradigm} projector in the authors' code (their builder "
+            "returns None); '3-18-23' is the same external model, use strategy='3-18-23'"
+        )
     check_choice(where, "tower", tower, LIN_TOWERS)
     check_choice(where, "strategy", strategy, tuple(LIN_SELECTED_LAYERS[tower]))
     return LIN_SELECTED_LAYERS[tower][strategy]

@@ -49,9 +49,11 @@ def _grid(batch: int, num_queries: int, num_heads: int, block_q: int) -> tuple[i
 
 
 def _custom_op(name: str) -> Callable[[Callable], object]:
-    """``triton_op`` where this torch has it and Triton is installed (Inductor then sees the
-    kernels), else an opaque ``custom_op`` (without Triton, ``triton_op`` logs a warning on import)."""
-    if hasattr(torch.library, "triton_op") and is_available("triton"):
+    """``triton_op`` where this torch has it, Triton is installed and a GPU is present (Inductor then
+    sees the kernels), else an opaque ``custom_op``. ``triton_op`` imports Inductor (about 2 s) and,
+    without Triton, logs a warning, so CPU-only installs (where the kernels run only under the
+    interpreter, for tests) keep the cheap registration."""
+    if hasattr(torch.library, "triton_op") and is_available("triton") and torch.cuda.is_available():
         return lambda fn: torch.library.triton_op(name, fn, mutates_args=())
     return lambda fn: torch.library.custom_op(name, fn, mutates_args=())
 
