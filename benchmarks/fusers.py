@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from cases import all_cases
+from cases import BASELINE, all_cases
 from harness import base_parser, devices_from, measure, print_table, write_json
 
 
@@ -28,7 +28,7 @@ def main() -> None:
     for device in devices_from(args.device):
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for case in all_cases():
-                if args.only and args.only not in case.name:
+                if args.only and args.only not in case.name and case.name != BASELINE:
                     continue
                 torch.manual_seed(0)
                 module, features, kwargs = case.build(device, dtype, args.quick)
@@ -48,7 +48,8 @@ def main() -> None:
 
                 results.append(measure(step, case=case.name, device=device, dtype=dtype,
                                        mode="forward+backward", warmup=warmup, repeats=repeats))
-    print_table(results, title="fusers (+ projector), median over repeats after warm-up; peak = extra memory of one call")
+    print_table(results, title="fusers (+ projector), median over repeats after warm-up; peak = extra memory of one "
+                "call; ratios against LLaVA-1.5's projector on one layer", baseline=lambda r: BASELINE)
     write_json(results, args.json, benchmark="fusers")
 
 

@@ -155,8 +155,8 @@ def print_table(results: Sequence[Result], *, title: str, baseline: Callable[[Re
         ref_name = baseline(r) if baseline else None
         ref = by_key.get((ref_name, r.device, r.dtype, r.mode, json.dumps(r.settings, sort_keys=True))) if ref_name else None
         if ref is not None and ref is not r:
-            speed = f"{ref.median_ms / r.median_ms:.2f}x"
-            mem = f"{r.peak_mib / ref.peak_mib:.2f}" if ref.peak_mib > 0 else ""
+            speed = f"{ref.median_ms / r.median_ms:.3g}x"
+            mem = f"{r.peak_mib / ref.peak_mib:.3g}" if ref.peak_mib > 0 else ""
         settings = " ".join(f"{k}={v}" for k, v in r.settings.items())
         rows.append([r.case, r.device, r.dtype, r.mode, settings, f"{r.median_ms:.2f}", f"{r.peak_mib:.1f}", speed, mem])
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]

@@ -11,7 +11,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["LLAVA15", "FuserCase", "all_cases", "llava_features"]
+__all__ = ["BASELINE", "LLAVA15", "FuserCase", "all_cases", "llava_features"]
+
+# The case every other is compared with: LLaVA-1.5's projector on its single layer (cases/concat.py).
+BASELINE = "llava15_single_layer"
 
 # LLaVA-1.5 scale: CLIP-L/14-336 (24x24 patches, width 1024) into a 7B LLM (hidden 4096).
 LLAVA15 = {"grid": (24, 24), "dim": 1024, "llm": 4096, "batch": 2}

@@ -33,6 +33,8 @@ def _sti_2d(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[nn.M
 
 
 CASES = [
+    # LLaVA-1.5 itself (one layer, no fusion): the baseline of the ratio columns in benchmarks/fusers.py
+    FuserCase("llava15_single_layer", _preset("llava")),
     FuserCase("concat_dc_sci", _preset("dense_connector_sci")),
     FuserCase("concat_dc_dci", _preset("dense_connector_dci")),
     FuserCase("concat_lin_ed_3_18_23", _preset("lin_ed_3_18_23")),

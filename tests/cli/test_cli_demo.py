@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from layerfuse import __version__
 from layerfuse.cli import demo
@@ -27,19 +28,40 @@ def test_help_lists_every_command(capsys):
     assert all(name in out for name in COMMANDS)
 
 
-def test_demo_small_prints_the_tap_table(capsys):
+def _table(out: str, title: str) -> list[list[str]]:
+    """The rows of the printed table called ``title``, split into cells."""
+    lines = out.splitlines()
+    start = lines.index(title) + 3
+    rows = []
+    for line in lines[start:]:
+        if not line or line.startswith(("one forward", "random weights")):
+            break
+        rows.append([cell.strip() for cell in line.split("  ") if cell.strip()])
+    return rows
+
+
+def test_demo_small_taps_once_and_runs_every_fuser(capsys):
     assert main(["demo", "--small", "--batch", "2"]) == 0
     out = capsys.readouterr().out
     assert "DemoViT (tiny): 24 blocks, width 64" in out
-    lines = out.splitlines()
-    assert lines[lines.index(next(x for x in lines if x.startswith("layer "))) + 2 :][:5] == [
-        "-22    3         2x16x64          4x4   MMFuser",
-        "-17    8         2x16x64          4x4   MMFuser",
-        "-12    13        2x16x64          4x4   MMFuser",
-        "-7     18        2x16x64          4x4   MMFuser",
-        "-2     23        2x16x64          4x4   LLaVA-1.5, MMFuser",
-    ]
-    assert "stopped after block 23 of 24" in out
+    taps = {row[0]: row[1:] for row in _table(out, "Layer taps")}
+    assert taps["LLaVA-1.5 (layer -2)"] == ["23", "1", "patch", "2x16x64"]
+    assert taps["MMFuser"] == ["-22, -17, -12, -7, -2", "5", "patch", "2x16x64"]
+    assert taps["Dense Connector DCI"] == ["0..23", "24", "patch", "2x16x64"]
+    assert taps["IGVA (instruction-gated)"] == ["1..24, -2", "25", "cls_patch", "2x17x64"]
+    assert "one forward for all methods" in out
+    assert "patch grid 4x4; stopped after block 24 of 24" in out
+    fused = {row[0]: row[1:4] for row in _table(out, "Fusers + LLaVA projector (mlp2x_gelu to 128)")}
+    assert fused == {
+        "LLaVA-1.5 (layer -2)": ["ConcatFuser", "2x16x64", "2x16x128"],
+        "Lin et al. / look-shallower 3-18-23": ["ConcatFuser", "2x16x192", "2x16x128"],
+        "Dense Connector DCI": ["ConcatFuser", "2x16x192", "2x16x128"],
+        "Dense Connector STI": ["TokenConcatFuser", "2x20x64", "2x20x128"],
+        "Weighted sum (softmax)": ["WeightedSumFuser", "2x16x64", "2x16x128"],
+        "MMFuser": ["MMFuser", "2x16x64", "2x16x128"],
+        "Cross-attention, 3x3 windows": ["CrossAttentionFuser", "2x16x64", "2x16x128"],
+        "IGVA (instruction-gated)": ["InstructionGatedFuser", "2x16x128", "2x16x128"],
+    }
 
 
 def test_demo_steps_share_features():
@@ -51,10 +73,11 @@ def test_demo_steps_share_features():
     finally:
         demo.STEPS.remove(step)
     (features,) = captured
-    assert features["LLaVA-1.5"].layers == (-2,)
+    assert features["LLaVA-1.5 (layer -2)"].layers == (23,)
     assert features["MMFuser"].layers == (-22, -17, -12, -7, -2)
-    assert features["MMFuser"][-1] is features["LLaVA-1.5"][0]
+    assert torch.equal(features["MMFuser"][-1], features["LLaVA-1.5 (layer -2)"][0])
     assert features["MMFuser"].grid == (4, 4)
+    assert features["IGVA (instruction-gated)"].num_prefix_tokens == 1
 
 
 @pytest.mark.parametrize(
@@ -62,6 +85,7 @@ def test_demo_steps_share_features():
     [
         (["demo", "--small", "--batch", "0"], "--batch expected a positive int, got 0"),
         (["demo", "--small", "--device", "gpu"], "--device expected a torch device"),
+        (["demo", "--small", "--llm-dim", "0"], "--llm-dim expected a positive int, got 0"),
     ],
 )
 def test_demo_bad_arguments(argv, message):
@@ -76,4 +100,4 @@ def test_console_entry_point_runs_as_a_module():
         capture_output=True, text=True, check=False, timeout=120, env=env,
     )
     assert result.returncode == 0, result.stderr
-    assert "LLaVA-1.5, MMFuser" in result.stdout
+    assert "Fusers + LLaVA projector" in result.stdout

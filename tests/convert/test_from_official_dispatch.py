@@ -5,7 +5,7 @@ from layerfuse.convert import from_official, load_checkpoint_file, target_dtype
 
 
 def test_unknown_method():
-    with pytest.raises(ValueError, match="from_official: method expected one of 'dense_connector', .*got 'llava'"):
+    with pytest.raises(ValueError, match=r"from_official: method expected one of 'dense_connector', .*got 'llava'"):
         from_official("llava", {})
 
 
@@ -39,5 +39,5 @@ def test_target_dtype():
     assert target_dtype(half, None, where="t") == torch.float32
     assert target_dtype({"a": torch.zeros(1, dtype=torch.float64)}, None, where="t") == torch.float64
     assert target_dtype(half, torch.float64, where="t") == torch.float64
-    with pytest.raises(TypeError, match="t: dtype expected a floating-point torch.dtype, got torch.int64"):
+    with pytest.raises(TypeError, match=r"t: dtype expected a floating-point torch\.dtype, got torch.int64"):
         target_dtype(half, torch.int64, where="t")

@@ -1,8 +1,9 @@
-"""``layerfuse demo``: tap the layers LLaVA-1.5 and MMFuser read from a CLIP ViT-L/14-336-shaped tower.
+"""``layerfuse demo``: every fuser family on a CLIP ViT-L/14-336-shaped tower, from taps to visual tokens.
 
 Runs offline on the embedded random-weight :class:`~layerfuse.cli.demo_vit.DemoViT`. The demo is a
 list of steps (``STEPS``); each reads and extends a shared :class:`DemoContext` and returns a
-:class:`Table` to print, so later steps (fusers) consume the features the tap step left behind.
+:class:`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
+step feeds each method's fuser and LLaVA projector.
 """
 
 from __future__ import annotations
@@ -17,18 +18,61 @@ import torch
 from torch import Tensor, nn
 
 from ..features import LayerFeatures
+from ..fusers import (
+    CrossAttentionFuser,
+    Fuser,
+    FusionProjector,
+    InstructionGatedFuser,
+    MMFuser,
+    WeightedSumFuser,
+)
+from ..layers import Projector
+from ..presets import build_fusion_projector
 from ..taps import LayerTap
 from .demo_vit import DemoViT
 
-__all__ = ["LAYER_SETS", "STEPS", "DemoContext", "DemoStep", "Table", "register", "run"]
-
-# Hidden-state indices each method reads from CLIP ViT-L/14-336 (index 0 = embedding output).
-LAYER_SETS: dict[str, tuple[int, ...]] = {
-    "LLaVA-1.5": (-2,),
-    "MMFuser": (-22, -17, -12, -7, -2),
-}
+__all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class DemoMethod:
+    """A published fusion (or LLaVA's single layer) as a fuser + LLaVA projector, ready to feed."""
+
+    name: str
+    module: FusionProjector
+    fuser_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: torch.device,
+                 dtype: torch.dtype) -> list[DemoMethod]:
+    """One entry per fuser family, at the tower's width and LLM width ``llm_dim``."""
+    dd: dict[str, Any] = {"device": device, "dtype": dtype}
+
+    def preset(name: str) -> FusionProjector:
+        return build_fusion_projector(name, dim=width, llm_dim=llm_dim, depth=depth, **dd)
+
+    def attach(fuser: Fuser, layers: tuple[int, ...], tokens: str = "patch") -> FusionProjector:
+        return FusionProjector(fuser, Projector("mlp2x_gelu", fuser.out_dim, llm_dim, **dd), layers=layers,
+                               tokens=tokens)
+
+    mmfuser_layers = (-22, -17, -12, -7, -2)
+    igva = InstructionGatedFuser(width, 768, gate_dim=min(width, 1024), **dd)
+    # IGVA's instruction embedding comes from a sentence encoder outside the module; random unit rows here.
+    text = torch.nn.functional.normalize(torch.randn(batch, 768, device=device, dtype=dtype), dim=-1)
+    return [
+        DemoMethod("LLaVA-1.5 (layer -2)", preset("llava")),
+        DemoMethod("Lin et al. / look-shallower 3-18-23", preset("lin_ed_3_18_23")),
+        DemoMethod("Dense Connector DCI", preset("dense_connector_dci")),
+        DemoMethod("Dense Connector STI", preset("dense_connector_sti")),
+        DemoMethod("Weighted sum (softmax)", attach(WeightedSumFuser(width, len(mmfuser_layers), **dd), mmfuser_layers)),
+        DemoMethod("MMFuser", attach(MMFuser(width, heads=16 if width % 16 == 0 else 4, **dd), mmfuser_layers)),
+        DemoMethod("Cross-attention, 3x3 windows",
+                   attach(CrossAttentionFuser(width, heads=16 if width % 16 == 0 else 4, window=3, **dd),
+                          mmfuser_layers)),
+        DemoMethod("IGVA (instruction-gated)", attach(igva, igva.layers, "cls_patch"), {"text": text}),
+    ]
 
 
 @dataclass
@@ -40,7 +84,8 @@ class DemoContext:
     dtype: torch.dtype
     model: nn.Module
     images: Tensor
-    features: dict[str, LayerFeatures] = field(default_factory=dict)  # keyed like LAYER_SETS
+    methods: list[DemoMethod]
+    features: dict[str, LayerFeatures] = field(default_factory=dict)  # keyed by method name
 
 
 @dataclass
@@ -68,10 +113,24 @@ class DemoStep:
     run: Callable[[DemoContext], Table]
 
 
+def _compact(layers: tuple[int, ...]) -> str:
+    """``(0, 1, 2, 3, 7)`` -> ``"0..3, 7"``: long contiguous runs written as ranges."""
+    parts: list[str] = []
+    run: list[int] = []
+    for k in (*layers, None):
+        if run and k is not None and k == run[-1] + 1:
+            run.append(k)
+            continue
+        if run:
+            parts.append(f"{run[0]}..{run[-1]}" if len(run) > 2 else ", ".join(map(str, run)))
+        run = [] if k is None else [k]
+    return ", ".join(parts)
+
+
 def tap_step(ctx: DemoContext) -> Table:
-    """One tap of every layer any method reads; each method's features are then picked from it."""
-    wanted = sorted({k for layers in LAYER_SETS.values() for k in layers})
-    tap = LayerTap(ctx.model, wanted, tokens="patch")
+    """One tap of every layer any method reads (CLS kept); each method's features are picked from it."""
+    wanted = sorted({k for m in ctx.methods for k in m.module.layers})
+    tap = LayerTap(ctx.model, wanted, tokens="cls_patch")
     start = time.perf_counter()
     with torch.inference_mode(), tap:
         tapped = tap(ctx.images)
@@ -79,40 +138,56 @@ def tap_step(ctx: DemoContext) -> Table:
         torch.cuda.synchronize(ctx.device)
     elapsed_ms = (time.perf_counter() - start) * 1e3
     by_layer = dict(zip(wanted, tapped))
-    for method, layers in LAYER_SETS.items():
-        ctx.features[method] = LayerFeatures(
-            [by_layer[k] for k in layers], grid=tapped.grid, layers=layers, num_prefix_tokens=tapped.num_prefix_tokens
-        )
-    rows = [
-        (
-            str(k),
-            str(absolute),
-            "x".join(map(str, by_layer[k].shape)),
-            f"{tapped.grid[0]}x{tapped.grid[1]}" if tapped.grid else "?",
-            ", ".join(m for m, layers in LAYER_SETS.items() if k in layers),
-        )
-        for k, absolute in zip(wanted, tap.resolved_layers)
-    ]
-    deepest = max(tap.resolved_layers)
+    rows = []
+    for method in ctx.methods:
+        layers, tokens = method.module.layers, method.module.tokens
+        drop = 1 if tokens == "patch" else 0
+        feats = LayerFeatures([by_layer[k][:, drop:] for k in layers], grid=tapped.grid, layers=layers,
+                              num_prefix_tokens=1 - drop)
+        ctx.features[method.name] = feats
+        rows.append((method.name, _compact(layers), str(len(layers)), tokens, "x".join(map(str, feats[0].shape))))
     notes = [
-        f"one forward, {elapsed_ms:.0f} ms; stopped after block {deepest} of {tap.backbone.depth} "
-        f"(index 0 = embedding output, k = block k, -1 = last block)"
+        f"one forward for all methods, {elapsed_ms:.0f} ms; patch grid {tapped.grid[0]}x{tapped.grid[1]}; stopped "
+        f"after block {max(tap.resolved_layers)} of {tap.backbone.depth} (index 0 = embedding output, "
+        "k = block k, -1 = last block)"
     ]
-    header = ("layer", "absolute", "shape (B, N, C)", "grid", "used by")
-    return Table("Layer taps (tokens='patch': CLS dropped)", header, rows, notes)
+    header = ("method", "hidden states", "n", "tokens", "each (B, N, C)")
+    return Table("Layer taps", header, rows, notes)
 
 
-STEPS: list[DemoStep] = [DemoStep("taps", tap_step)]
+def fuse_step(ctx: DemoContext) -> Table:
+    """Run every method's fuser and projector on its tapped features."""
+    rows = []
+    for method in ctx.methods:
+        module, feats = method.module, ctx.features[method.name]
+        start = time.perf_counter()
+        with torch.inference_mode():
+            fused = module.fuser(feats, **method.fuser_kwargs)
+            tokens = module.projector(fused)
+        if ctx.device.type == "cuda":
+            torch.cuda.synchronize(ctx.device)
+        elapsed_ms = (time.perf_counter() - start) * 1e3
+        params = sum(p.numel() for p in module.fuser.parameters())
+        rows.append((method.name, type(module.fuser).__name__, "x".join(map(str, fused.shape)),
+                     "x".join(map(str, tokens.shape)), f"{params:,}", f"{elapsed_ms:.0f}"))
+    header = ("method", "fuser", "fused (B, N, C)", "visual tokens", "fuser params", "ms")
+    notes = ["random weights: shapes and timings, not quality. MMFuser and the cross-attention fuser start as the "
+             "identity on the query layer (zero layer-scale), so they begin where LLaVA-1.5 does."]
+    return Table(f"Fusers + LLaVA projector (mlp2x_gelu to {ctx.args.llm_dim})", header, rows, notes)
+
+
+STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step)]
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="tap LLaVA's and MMFuser's layers from a random CLIP ViT-L/14-336-shaped tower",
+        help="run every fuser family on a random CLIP ViT-L/14-336-shaped tower",
         description=(
-            "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap the "
-            "hidden states LLaVA-1.5 (-2) and MMFuser (-22, -17, -12, -7, -2) read, and print their shapes, "
-            "patch grid and timing. Runs offline."
+            "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap in one "
+            "forward the hidden states that LLaVA-1.5, Lin et al., Dense Connector, a weighted sum, MMFuser, "
+            "the cross-attention fuser and IGVA read, then run each fuser and LLaVA projector and print "
+            "shapes, parameters and timings. Runs offline."
         ),
     )
     parser.add_argument("--small", action="store_true", help="a tiny 24-block tower (width 64, 64 px) instead")
@@ -120,12 +195,18 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu, cuda, cuda:1 (default: cpu)")
     parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights and images (default: float32)")
     parser.add_argument("--seed", type=int, default=0, help="random seed for weights and images (default: 0)")
+    parser.add_argument("--llm-dim", type=int, default=None,
+                        help="LLM hidden size of the projectors (default: 4096, LLaVA-1.5-7B; 128 with --small)")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.batch < 1:
         raise SystemExit(f"layerfuse demo: --batch expected a positive int, got {args.batch}")
+    if args.llm_dim is None:
+        args.llm_dim = 128 if args.small else 4096
+    if args.llm_dim < 1:
+        raise SystemExit(f"layerfuse demo: --llm-dim expected a positive int, got {args.llm_dim}")
     try:
         device = torch.device(args.device)
     except RuntimeError as err:
@@ -139,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     model = build(device=device, dtype=dtype).eval()
     built_s = time.perf_counter() - start
     images = torch.randn(args.batch, 3, model.image_size, model.image_size, device=device, dtype=dtype)
-    ctx = DemoContext(args=args, device=device, dtype=dtype, model=model, images=images)
+    methods = demo_methods(model.width, model.depth, args.llm_dim, args.batch, device=device, dtype=dtype)
+    ctx = DemoContext(args=args, device=device, dtype=dtype, model=model, images=images, methods=methods)
     shape = "tiny" if args.small else "CLIP ViT-L/14-336 shape"
     params = sum(p.numel() for p in model.parameters()) / 1e6
     print(
