@@ -26,6 +26,12 @@ class Fixture:
         """Tensors named ``<prefix><rest>``, keyed by ``<rest>``."""
         return {k[len(prefix):]: v for k, v in self.tensors.items() if k.startswith(prefix)}
 
+    def checkpoint(self, prefix: str | None = None) -> dict[str, Tensor]:
+        """The stored parameters under their full checkpoint keys (README §1.4): ``prefix`` (default
+        ``config.checkpoint_key_prefix``) in front of each ``param.<key>``."""
+        prefix = self.config["checkpoint_key_prefix"] if prefix is None else prefix
+        return {prefix + k: v for k, v in self.with_prefix("param.").items()}
+
     def hidden_states(self) -> list[Tensor]:
         hidden = self.with_prefix("hidden.")
         return [hidden[str(i)] for i in range(len(hidden))]

@@ -119,7 +119,7 @@ def test_missing_and_unexpected_keys():
 def test_lin_em_reproduces_the_mmfuser_fixture_block():
     # Lin et al.'s E_M is the MMFuser block under mm_projector_f; two levels is their "3-18-23".
     fx = load_fixture("mmfuser_two_levels")
-    checkpoint = {f"model.mm_projector_f.{k}": v for k, v in fx.with_prefix("param.").items()}
+    checkpoint = fx.checkpoint("model.mm_projector_f.")
     checkpoint["model.mm_projectors.1.0.weight"] = torch.zeros(2, 2)  # I_* projectors are not E_M's
     module = from_official("lin_em", checkpoint, heads=4, points=2, grid=(5, 5))
     assert module.layers == (3, 18, 23)

@@ -7,16 +7,11 @@ from layerfuse import ConcatFuser, FusionProjector, TokenConcatFuser, from_offic
 FIXTURES = ["dense_connector_sti", "dense_connector_sci", "dense_connector_dci", "dense_connector_dci_siglip"]
 
 
-def _official(fx):
-    prefix = fx.config["checkpoint_key_prefix"]
-    return {prefix + k: v for k, v in fx.with_prefix("param.").items()}
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_parity(name):
     fx = load_fixture(name)
     module = from_official(
-        "dense_connector", _official(fx), variant=fx.config["connector"], tower=fx.config["tower"]
+        "dense_connector", fx.checkpoint(), variant=fx.config["connector"], tower=fx.config["tower"]
     )
     assert next(module.parameters()).dtype == torch.float64
     feats = tap_fixture(fx, module.layers, module.tokens)
@@ -62,7 +57,7 @@ def test_prefixes_and_bf16_upcast():
 
 def test_explicit_dtype_builds_before_loading():
     fx = load_fixture("dense_connector_dci")
-    sd = _official(fx)
+    sd = fx.checkpoint()
     module = from_official("dense_connector", sd, dtype=torch.float64, variant="dci", tower="clip")
     assert torch.equal(module.projector[2].weight, sd["model.mm_projector.2.weight"])
     half = from_official("dense_connector", sd, dtype=torch.float16, variant="dci", tower="clip")
@@ -71,7 +66,7 @@ def test_explicit_dtype_builds_before_loading():
 
 def test_errors():
     fx = load_fixture("dense_connector_sci")
-    sd = _official(fx)
+    sd = fx.checkpoint()
     with pytest.raises(ValueError, match="convert_dense_connector: tower is required"):
         from_official("dense_connector", sd, variant="sci")
     with pytest.raises(ValueError, match="convert_dense_connector: variant expected one of 'sti', 'sci', 'dci'"):
@@ -93,7 +88,7 @@ def test_errors():
 
 def test_file_round_trip(tmp_path):
     fx = load_fixture("dense_connector_sti")
-    torch.save(_official(fx), tmp_path / "mm_projector.bin")
+    torch.save(fx.checkpoint(), tmp_path / "mm_projector.bin")
     module = from_official("dense_connector", tmp_path / "mm_projector.bin", variant="sti", tower="clip")
     module.save_pretrained(tmp_path / "saved")
     again = FusionProjector.from_pretrained(tmp_path / "saved")

@@ -7,16 +7,11 @@ from layerfuse import ConcatFuser, from_official
 FIXTURES = ["lin_ed_18", "lin_ed_3-18-23", "lin_ed_former", "lin_ed_latter", "lin_ed_all", "lin_ed_3-18-23_siglip"]
 
 
-def _official(fx):
-    prefix = fx.config["checkpoint_key_prefix"]
-    return {prefix + k: v for k, v in fx.with_prefix("param.").items()}
-
-
 @pytest.mark.parametrize("name", FIXTURES)
 def test_fixture_parity(name):
     fx = load_fixture(name)
     module = from_official(
-        "lin_ed", _official(fx), strategy=fx.config["layer_using_strategy"], tower=fx.config["tower"]
+        "lin_ed", fx.checkpoint(), strategy=fx.config["layer_using_strategy"], tower=fx.config["tower"]
     )
     assert isinstance(module.fuser, ConcatFuser)
     assert next(module.parameters()).dtype == torch.float64
@@ -34,7 +29,7 @@ def test_fixture_parity(name):
 
 def test_siglip_drop_first_token_switch():
     fx = load_fixture("lin_ed_3-18-23_siglip")
-    sd = _official(fx)
+    sd = fx.checkpoint()
     faithful = from_official("lin_ed", sd, strategy="3-18-23", tower="siglip")
     assert faithful.fuser.drop_first_token
     assert faithful.tokens == "patch"
@@ -61,7 +56,7 @@ def test_layers_as_coded():
 
 
 def test_errors():
-    sd = _official(load_fixture("lin_ed_18"))
+    sd = load_fixture("lin_ed_18").checkpoint()
     with pytest.raises(ValueError, match="strategy='3-18' builds no E_D projector"):
         from_official("lin_ed", sd, strategy="3-18")
     with pytest.raises(ValueError, match="convert_lin_ed: strategy expected one of '3-18-23', 'latter', got 'all'"):

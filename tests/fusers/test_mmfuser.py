@@ -43,7 +43,7 @@ def with_small_offset_weights(fuser: MMFuser) -> MMFuser:
 @pytest.mark.parametrize("name", FIXTURES)
 def test_matches_the_authors_outputs_and_gradients(name):
     fx = load_fixture(name)
-    checkpoint = {f"model.mm_projector.{k}": v for k, v in fx.with_prefix("param.").items()}
+    checkpoint = fx.checkpoint("model.mm_projector.")
     module = from_official("mmfuser", checkpoint, heads=fx.config["n_heads"], points=fx.config["n_points"],
                            layers=list(range(-fx.config["n_levels"] - 1, 0)))
     assert isinstance(module, FusionProjector)
