@@ -110,14 +110,23 @@ class DemoViT(nn.Module):
         self.reset_parameters()
 
     @classmethod
-    def clip_l14_336(cls, **factory: torch.device | torch.dtype | None) -> DemoViT:
+    def clip_l14_336(cls, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DemoViT:
         """CLIP ViT-L/14-336 shape: 24 blocks, width 1024, 16 heads, 336 px -> 24 x 24 patches."""
-        return cls(image_size=336, patch_size=14, width=1024, depth=24, heads=16, **factory)
+        return cls._initialised(device, dtype, image_size=336, patch_size=14, width=1024, depth=24, heads=16)
 
     @classmethod
-    def small(cls, **factory: torch.device | torch.dtype | None) -> DemoViT:
+    def small(cls, *, device: torch.device | None = None, dtype: torch.dtype | None = None) -> DemoViT:
         """A tiny tower with the same 24-block depth (width 64, 64 px -> 4 x 4 patches), for quick runs."""
-        return cls(image_size=64, patch_size=16, width=64, depth=24, heads=4, **factory)
+        return cls._initialised(device, dtype, image_size=64, patch_size=16, width=64, depth=24, heads=4)
+
+    @classmethod
+    def _initialised(cls, device: torch.device | None, dtype: torch.dtype | None, **shape: int) -> DemoViT:
+        # Built on the meta device and filled once by reset_parameters: the children's own default
+        # initialisation would otherwise run first and double the start-up time of the ViT-L shape.
+        model = cls(**shape, device=torch.device("meta"), dtype=dtype)
+        model.to_empty(device=device if device is not None else torch.device("cpu"))
+        model.reset_parameters()
+        return model
 
     def reset_parameters(self) -> None:
         # Uniform fills are several times cheaper than normal ones, which matters for the 300M
