@@ -9,7 +9,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._checks import check_feature_list, check_module_dtype, check_positive_int, check_widths
+from .._checks import (
+    check_feature_list,
+    check_module_dtype,
+    check_positive_int,
+    check_same_tokens,
+    check_widths,
+)
 from ..features import LayerFeatures
 from ..layers.instruction_gate import InstructionGate
 from ..ops.layer_mean import accumulation_dtype, layer_mean
@@ -214,13 +220,7 @@ class InstructionGatedFuser(Fuser):
     def _check_features(self, where: str, features: Sequence[Tensor]) -> list[Tensor]:
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
-        tokens = feats[0].shape[1]
-        for i, f in enumerate(feats):
-            if f.shape[1] != tokens:
-                raise ValueError(
-                    f"{where}: features[{i}] has {f.shape[1]} tokens but features[0] has {tokens}; "
-                    "every layer must carry the same tokens"
-                )
+        tokens = check_same_tokens(where, feats)
         if self.has_cls and tokens < 2:
             raise ValueError(
                 f"{where}: has_cls=True expects a CLS token followed by patch tokens, got {tokens} token(s)"
