@@ -13,7 +13,7 @@ from ..fusers.instruction_gated import IGVA_GROUPS, InstructionGatedFuser
 from ..fusers.pipeline import FusionProjector
 from ..layers.projector import Projector
 from ..serialization import load_strict
-from .state_dict import llava_projector_shape, select_prefixed, target_dtype
+from .state_dict import llava_projector_shape, select_prefixed, select_required, target_dtype
 
 __all__ = ["convert_igva"]
 
@@ -61,13 +61,8 @@ def convert_igva(
     """
     where = "convert_igva"
     check_positive_int(where, "heads", heads)
-    projector_state = select_prefixed(state_dict, "mm_projector", where=where)
+    projector_state = select_required(state_dict, "mm_projector", where=where)
     gate_state = select_prefixed(state_dict, "vision_aggregator", where=where)
-    if not projector_state:
-        raise ValueError(
-            f"{where}: no key contains 'mm_projector.'; got {len(state_dict)} keys, e.g. "
-            f"{', '.join(list(state_dict)[:5])}"
-        )
     kind, in_dim, llm_width = llava_projector_shape(projector_state, where=where)
     if in_dim % 2:
         raise ValueError(

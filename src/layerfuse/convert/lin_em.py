@@ -10,7 +10,7 @@ from torch import Tensor
 from ..fusers.pipeline import FusionProjector
 from .lin_strategies import lin_selected_layers
 from .mmfuser import load_mmfuser_projector
-from .state_dict import select_prefixed
+from .state_dict import select_required
 
 __all__ = ["convert_lin_em"]
 
@@ -63,12 +63,7 @@ def convert_lin_em(
     selected_list = lin_selected_layers(strategy, tower, where=where, paradigm="E_M")
     num_levels = _EM_LEVELS[strategy]
     layers = (*selected_list[:num_levels], selected_list[-1])
-    selected = select_prefixed(state_dict, "mm_projector_f", where=where)
-    if not selected:
-        raise ValueError(
-            f"{where}: no key contains 'mm_projector_f.'; got {len(state_dict)} keys, e.g. "
-            f"{', '.join(list(state_dict)[:5])}"
-        )
+    selected = select_required(state_dict, "mm_projector_f", where=where)
     cross_key = "0.cross_attn.attention_weights.weight"
     if cross_key in selected and selected[cross_key].shape[0] != heads * num_levels * points:
         rows = selected[cross_key].shape[0]

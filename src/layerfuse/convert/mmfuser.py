@@ -12,7 +12,7 @@ from ..fusers.mmfuser import MMFuser
 from ..fusers.pipeline import FusionProjector
 from ..layers.projector import Projector
 from ..serialization import load_strict
-from .state_dict import llava_projector_shape, select_prefixed, target_dtype
+from .state_dict import llava_projector_shape, select_required, target_dtype
 
 __all__ = ["convert_mmfuser", "load_mmfuser_projector"]
 
@@ -57,12 +57,7 @@ def convert_mmfuser(
             weight shapes, or ``layers`` not matching the number of levels.
     """
     where = "convert_mmfuser"
-    selected = select_prefixed(state_dict, "mm_projector", where=where)
-    if not selected:
-        raise ValueError(
-            f"{where}: no key contains 'mm_projector.'; got {len(state_dict)} keys, e.g. "
-            f"{', '.join(list(state_dict)[:5])}"
-        )
+    selected = select_required(state_dict, "mm_projector", where=where)
     return load_mmfuser_projector(
         selected, dtype=dtype, heads=heads, points=points, layers=layers, grid=grid, where=where, anchor="mm_projector"
     )

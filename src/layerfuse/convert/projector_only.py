@@ -11,7 +11,7 @@ from ..fusers.pipeline import FusionProjector
 from ..layers.projector import Projector
 from ..presets import PresetPlan
 from ..serialization import load_strict
-from .state_dict import llava_projector_shape, select_prefixed, target_dtype
+from .state_dict import llava_projector_shape, select_required, target_dtype
 
 __all__ = ["load_projector_behind"]
 
@@ -31,12 +31,7 @@ def load_projector_behind(
     of channel blocks the fuser concatenates). The module is built in the target dtype before loading,
     so an explicit float64 keeps every bit of the checkpoint.
     """
-    selected = select_prefixed(state_dict, anchor, where=where)
-    if not selected:
-        sample = ", ".join(list(state_dict)[:5]) or "none"
-        raise ValueError(
-            f"{where}: no key contains '{anchor}.'; got {len(state_dict)} keys, e.g. {sample}"
-        )
+    selected = select_required(state_dict, anchor, where=where)
     kind, in_dim, out_dim = llava_projector_shape(selected, where=where, anchor=anchor)
     if in_dim % blocks:
         raise ValueError(

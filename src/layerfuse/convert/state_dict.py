@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .._optional import require
 
-__all__ = ["llava_projector_shape", "load_checkpoint_file", "select_prefixed", "target_dtype"]
+__all__ = ["llava_projector_shape", "load_checkpoint_file", "select_prefixed", "select_required", "target_dtype"]
 
 _LINEAR_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
 
@@ -59,6 +59,16 @@ def select_prefixed(state_dict: Mapping[str, Tensor], anchor: str, *, where: str
         if not isinstance(value, Tensor):
             raise TypeError(f"{where}: checkpoint entry {key!r} expected a tensor, got {type(value).__name__}")
         selected[short], origin[short] = value, key
+    return selected
+
+
+def select_required(state_dict: Mapping[str, Tensor], anchor: str, *, where: str) -> dict[str, Tensor]:
+    """:func:`select_prefixed`, but a checkpoint with no key under ``anchor`` is an error that shows
+    what the checkpoint does hold."""
+    selected = select_prefixed(state_dict, anchor, where=where)
+    if not selected:
+        sample = ", ".join(list(state_dict)[:5]) or "none"
+        raise ValueError(f"{where}: no key contains '{anchor}.'; got {len(state_dict)} keys, e.g. {sample}")
     return selected
 
 
