@@ -256,7 +256,7 @@ def test_bad_inputs():
         fuser(feats, grid=(2, 3), level_grids=[(2, 3)])
     with pytest.raises(ValueError, match=where + r": level grid \(1, 3\) = 3 tokens does not fit features\[1\] with 6"):
         fuser(feats, grid=(2, 3), level_grids=[(2, 3), (1, 3)])
-    with pytest.raises(TypeError, match=where + r": features have dtype torch.float64 but the module's parameters"):
+    with pytest.raises(TypeError, match=where + r": features\[0\] has dtype torch.float64 but the module's parameters"):
         fuser([f.double() for f in feats], grid=(2, 3))
     with pytest.raises(TypeError, match=where + r": features expected a sequence"):
         fuser(torch.stack(feats), grid=(2, 3))

@@ -122,7 +122,7 @@ def test_errors():
         fuser(_feats(1, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"features\[1\] has 6 tokens but features\[0\] has 5"):
         fuser([torch.randn(2, 5, 4), torch.randn(2, 6, 4)])
-    with pytest.raises(TypeError, match=r"features have dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"features\[0\] has dtype torch.float64 but the module's parameters are torch.float32"):
         fuser(_feats(2))
     with pytest.raises(TypeError, match="preset 'vip_llava' builds a ConcatFuser"):
         WeightedSumFuser.from_preset("vip_llava", dim=4)

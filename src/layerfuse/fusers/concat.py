@@ -9,7 +9,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_feature_list, check_positive_int, check_same_tokens, check_widths
+from .._checks import (
+    check_bool,
+    check_feature_list,
+    check_float,
+    check_module_inputs,
+    check_positive_int,
+    check_same_tokens,
+    check_widths,
+)
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
 
@@ -122,7 +130,9 @@ class ConcatFuser(Fuser):
                     f"{[self.in_dims[i] for i in group]}"
                 )
         self.out_dim = sum(self.in_dims[g[0]] for g in self.terms)
-        self.norm_enabled, self.eps, self.drop_first_token = bool(norm), float(eps), bool(drop_first_token)
+        self.norm_enabled = check_bool(where, "norm", norm)
+        self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        self.drop_first_token = check_bool(where, "drop_first_token", drop_first_token)
         self.norm: nn.LayerNorm | None = (
             nn.LayerNorm(self.out_dim, eps=self.eps, device=device, dtype=dtype) if self.norm_enabled else None
         )
@@ -134,6 +144,7 @@ class ConcatFuser(Fuser):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         where = "ConcatFuser.forward"
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

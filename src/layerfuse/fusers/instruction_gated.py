@@ -10,8 +10,9 @@ import torch
 from torch import Tensor
 
 from .._checks import (
+    check_bool,
     check_feature_list,
-    check_module_dtype,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -160,6 +161,10 @@ class InstructionGatedFuser(Fuser):
         check_positive_int(where, "text_dim", text_dim)
         if isinstance(base_layer, bool) or not isinstance(base_layer, int):
             raise TypeError(f"{where}: base_layer expected an int hidden-state index, got {base_layer!r}")
+        for flag, value in (
+            ("has_cls", has_cls), ("gated", gated), ("summary_norm", summary_norm), ("zero_init_head", zero_init_head)
+        ):
+            check_bool(where, flag, value)
         if not gated and (zero_init_head or summary_norm):
             raise ValueError(
                 f"{where}: zero_init_head and summary_norm configure the gate; gated=False has no gate"
@@ -258,7 +263,6 @@ class InstructionGatedFuser(Fuser):
             )
         if text.device != feats[0].device:
             raise ValueError(f"{where}: text is on {text.device} but the features are on {feats[0].device}")
-        check_module_dtype(where, feats[0], self.gate.linear.weight.dtype)
 
     def _group_features(self, feats: Sequence[Tensor]) -> list[list[Tensor]]:
         out, start = [], 0
@@ -276,6 +280,7 @@ class InstructionGatedFuser(Fuser):
 
     def group_means(self, features: Sequence[Tensor]) -> Tensor:
         """The K group means on all tokens, (B, K, T, C), in float32 (float64 for float64 features)."""
+        check_module_inputs("InstructionGatedFuser.group_means", self, features=features)
         feats = self._check_features("InstructionGatedFuser.group_means", features)
         acc = accumulation_dtype(feats[0].dtype)
         return torch.stack([layer_mean(g, out_dtype=acc) for g in self._group_features(feats)], dim=1)
@@ -286,6 +291,7 @@ class InstructionGatedFuser(Fuser):
         Only the CLS tokens (or the per-layer mean patch tokens) are averaged, so this is cheap.
         """
         where = "InstructionGatedFuser.gate_weights"
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_text(where, text, feats)
         acc = accumulation_dtype(feats[0].dtype)
@@ -301,6 +307,7 @@ class InstructionGatedFuser(Fuser):
     def forward_with_weights(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> GatedFusion:
         """:meth:`forward` plus the gate weights (for inspection or :func:`gate_entropy_loss`)."""
         where = "InstructionGatedFuser.forward"
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_text(where, text, feats)
         dtype, acc = feats[0].dtype, accumulation_dtype(feats[0].dtype)

@@ -8,7 +8,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_float, check_module_inputs, check_positive_int
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
@@ -93,7 +93,8 @@ class MMFuser(DeepQueryFuser):
         where = "MMFuser"
         self._init_layout(where, dim, num_levels, heads, query_index, grid)
         self.points = check_positive_int(where, "points", points)
-        self.eps, self.layer_scale_init = eps, layer_scale_init
+        self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        self.layer_scale_init = check_float(where, "layer_scale_init", layer_scale_init)
         dd: dict[str, Any] = {"device": device, "dtype": dtype}
 
         # Registration order follows the authors' module, so state_dict() lists keys in their order
@@ -159,9 +160,8 @@ class MMFuser(DeepQueryFuser):
         Returns:
             (B, N, C), the fused query tokens.
         """
-        query, levels, query_grid, shapes = self._split(
-            "MMFuser.forward", features, grid, level_grids, self.gamma1.dtype
-        )
+        check_module_inputs("MMFuser.forward", self, features=features)
+        query, levels, query_grid, shapes = self._split("MMFuser.forward", features, grid, level_grids)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))
         cross = self.cross_attn(self.query_norm(query), points, value, shapes)

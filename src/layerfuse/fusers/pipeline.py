@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_choice
+from .._checks import check_choice, check_index_list, check_module_inputs
 from ..features import TOKEN_MODES
 from ..layers.projector import Projector
 from ..serialization import PretrainedMixin
@@ -53,13 +53,14 @@ class FusionProjector(PretrainedMixin, nn.Module):
                 f"{where}: projector.in_dim expected fuser.out_dim={fuser.out_dim}, got {projector.in_dim}"
             )
         check_choice(where, "tokens", tokens, TOKEN_MODES)
+        layers = check_index_list(where, "layers", layers)
         if len(layers) != fuser.num_inputs:
             raise ValueError(
                 f"{where}: layers expected {fuser.num_inputs} indices (one per fuser input), got {list(layers)}"
             )
         self.fuser = fuser
         self.projector = projector
-        self.layers = tuple(int(i) for i in layers)
+        self.layers = layers
         self.tokens = tokens
 
     @property
@@ -68,6 +69,7 @@ class FusionProjector(PretrainedMixin, nn.Module):
 
     def forward(self, features: Sequence[Tensor], **fuser_kwargs: Any) -> Tensor:
         """Fuse ``features`` and project; keyword arguments (``grid=``, ``text=``) go to the fuser."""
+        check_module_inputs("FusionProjector.forward", self, features=features)
         return self.projector(self.fuser(features, **fuser_kwargs))
 
     def reset_parameters(self) -> None:

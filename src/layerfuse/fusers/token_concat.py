@@ -13,6 +13,7 @@ from .._checks import (
     check_choice,
     check_feature_list,
     check_grid,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -137,6 +138,7 @@ class TokenConcatFuser(Fuser):
     def forward(self, features: Sequence[Tensor], grid: Sequence[int] | None = None) -> Tensor:
         """Fuse ``features``; ``grid`` = (H, W) of the patch tokens, used (and required) by ``pool="2d"``."""
         where = "TokenConcatFuser.forward"
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

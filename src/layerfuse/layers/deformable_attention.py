@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_grid, check_positive_int
+from .._checks import check_choice, check_grid, check_module_inputs, check_positive_int
 from ..ops import ms_deform_attn
 from ..ops.msda import backend_names
 
@@ -181,6 +181,10 @@ class MultiScaleDeformableAttention(nn.Module):
     def forward(
         self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Sequence[Sequence[int]]
     ) -> Tensor:
+        check_module_inputs(
+            f"{type(self).__name__}.forward", self, query=query, value=value, reference_points=reference_points,
+            any_dtype=("reference_points",),
+        )
         shapes = self._check_inputs(query, reference_points, value, spatial_shapes)
         m, lv, p = self.heads, self.num_levels, self.points
 

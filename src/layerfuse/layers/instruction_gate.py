@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_module_inputs, check_positive_int
 from ..ops.attention import attention
 from ..ops.layer_mean import accumulation_dtype
 
@@ -191,6 +191,8 @@ class InstructionGate(nn.Module):
             check_positive_int(where, name, value)
         if dim % num_heads != 0:
             raise ValueError(f"{where}: num_heads={num_heads} must divide dim={dim}")
+        check_bool(where, "summary_norm", summary_norm)
+        check_bool(where, "zero_init_head", zero_init_head)
         dd = {"device": device, "dtype": dtype}
         self.text_dim, self.summary_dim, self.num_groups = text_dim, summary_dim, num_groups
         self.dim, self.num_blocks, self.num_heads = dim, num_blocks, num_heads
@@ -229,6 +231,7 @@ class InstructionGate(nn.Module):
         return self.linear(x.squeeze(1))
 
     def forward(self, text: Tensor, summaries: Tensor) -> Tensor:
+        check_module_inputs("InstructionGate.forward", self, text=text, summaries=summaries)
         logits = self.logits(text, summaries)
         return logits.softmax(dim=-1, dtype=accumulation_dtype(logits.dtype))
 
