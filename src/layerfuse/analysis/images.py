@@ -78,10 +78,13 @@ class ImageFolderBatches:
     def load(self, path: str | Path) -> Tensor:
         """One image file as a normalised (3, S, S) float32 tensor."""
         pil_image = require("PIL.Image", extra="analysis", purpose="reading image files")
-        with pil_image.open(path) as img:
-            rgb = img.convert("RGB")
-            width, height = rgb.size
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        try:
+            with pil_image.open(path) as img:
+                rgb = img.convert("RGB")
+                width, height = rgb.size
+                data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        except OSError as err:  # PIL's truncated-file error does not name the file
+            raise ValueError(f"ImageFolderBatches: {path} is not a readable image ({err})") from None
         x = rearrange(data, "(h w c) -> 1 c h w", h=height, w=width, c=3).float() / 255
         short = round(self.image_size / self.crop_pct)
         scale = short / min(height, width)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_device
 from ..features import LayerFeatures
 from ..fusers import (
     CrossAttentionFuser,
@@ -208,11 +209,9 @@ def run(args: argparse.Namespace) -> int:
     if args.llm_dim < 1:
         raise SystemExit(f"layerfuse demo: --llm-dim expected a positive int, got {args.llm_dim}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise SystemExit(f"layerfuse demo: --device expected a torch device (cpu, cuda, cuda:1), got {args.device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"layerfuse demo: --device {args.device}: no CUDA device is available")
+        device = check_device("layerfuse demo", "--device", args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     start = time.perf_counter()

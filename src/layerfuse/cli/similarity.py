@@ -6,8 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
+from .._checks import check_device
 from ..analysis import (
     METRICS,
     ImageFolderBatches,
@@ -76,12 +75,13 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``layerfuse similarity``; a bad flag, file or model exits with a one-line message."""
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         raise SystemExit(f"{_WHERE}: error: {err}") from err
 
 
 def _run(args: argparse.Namespace) -> int:
     layers = _parse_layers(args.layers)
+    device = check_device(_WHERE, "--device", args.device)
     for flag, value in (("--k", args.k), ("--batch-size", args.batch_size), ("--synthetic", args.synthetic),
                         ("--image-size", args.image_size)):
         if value is not None and value <= 0:
@@ -90,7 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         print("note: neither --out nor --json given; only printing the bands")
 
     loaded = load_model(args.model, checkpoint=args.checkpoint, image_size=args.image_size)
-    loaded.model.to(torch.device(args.device))
+    loaded.model.to(device)
     if args.images is not None:
         images = ImageFolderBatches(args.images, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std,
                                     batch_size=args.batch_size, crop_pct=loaded.crop_pct)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_index_list, check_module_inputs
 from ..features import TOKEN_MODES
 from ..layers.projector import Projector
-from ..serialization import PretrainedMixin
+from ..serialization import PretrainedMixin, real_class
 from .base import Fuser
 
 __all__ = ["TOKEN_MODES", "FusionProjector"]
@@ -81,7 +81,7 @@ class FusionProjector(PretrainedMixin, nn.Module):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "fuser": {"class": type(self.fuser).__name__, "config": self.fuser.get_config()},
+            "fuser": {"class": real_class(self.fuser).__name__, "config": self.fuser.get_config()},
             "projector": self.projector.get_config(),
             "layers": list(self.layers),
             "tokens": self.tokens,
@@ -95,7 +95,17 @@ class FusionProjector(PretrainedMixin, nn.Module):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> FusionProjector:
-        fuser_cls = PretrainedMixin.registry[config["fuser"]["class"]]
-        fuser = fuser_cls.from_config(config["fuser"]["config"], device=device, dtype=dtype)
+        where = "FusionProjector.from_config"
+        for key in ("fuser", "projector", "layers", "tokens"):
+            if key not in config:
+                raise ValueError(f"{where}: config expected a {key!r} entry, got keys {sorted(config)}")
+        saved = config["fuser"]
+        name = saved.get("class") if isinstance(saved, dict) else None
+        fuser_cls = PretrainedMixin.registry.get(name) if isinstance(name, str) else None
+        if fuser_cls is None or not isinstance(saved.get("config"), dict):
+            raise ValueError(
+                f"{where}: config['fuser'] expected {{'class': <a layerfuse fuser>, 'config': {{...}}}}, got {saved!r}"
+            )
+        fuser = fuser_cls.from_config(saved["config"], device=device, dtype=dtype)
         projector = Projector(**config["projector"], device=device, dtype=dtype)
         return cls(fuser, projector, layers=config["layers"], tokens=config["tokens"])  # type: ignore[arg-type]
