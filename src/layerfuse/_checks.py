@@ -29,6 +29,7 @@ __all__ = [
     "check_same_tokens",
     "check_string",
     "check_widths",
+    "factory_kwargs",
     "resolve_grid",
     "resolve_level_grids",
 ]
@@ -119,6 +120,8 @@ def check_device(where: str, name: str, value: object) -> torch.device:
     below the device count)."""
     if not isinstance(value, (str, torch.device)):
         raise TypeError(f"{where}: {name} expected a torch device such as 'cpu' or 'cuda:0', got {value!r}")
+    if isinstance(value, torch.device) and value.type in ("cpu", "meta"):
+        return value
     try:
         device = torch.device(value)
     except RuntimeError:
@@ -137,6 +140,19 @@ def check_device(where: str, name: str, value: object) -> torch.device:
             f"{where}: {name} {value!r}: this machine has {count} {device.type} device(s) (indices 0..{count - 1})"
         )
     return device
+
+
+def factory_kwargs(where: str, device: object, dtype: object) -> dict[str, object]:
+    """The ``device=`` / ``dtype=`` a module passes to its parameters, checked first: a floating-point
+    ``torch.dtype`` and a device that exists (``None`` keeps PyTorch's defaults)."""
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise TypeError(
+            f"{where}: dtype expected a floating-point torch.dtype (e.g. torch.float32, torch.bfloat16) or None, "
+            f"got {dtype!r}"
+        )
+    if device is not None:
+        device = check_device(where, "device", device)
+    return {"device": device, "dtype": dtype}
 
 
 def check_choice(where: str, name: str, value: object, choices: Sequence[object]) -> None:
@@ -347,7 +363,7 @@ def resolve_level_grids(
     """
     if level_grids is None:
         return [resolve_grid(f"{where}: features[{i}]", f.shape[1], grid, features, default) for i, f in levels]
-    if isinstance(level_grids, Tensor) or not isinstance(level_grids, Sequence):
+    if isinstance(level_grids, Tensor | str | bytes) or not isinstance(level_grids, Sequence):
         raise TypeError(
             f"{where}: level_grids expected a sequence of {len(levels)} (H, W) pairs, "
             f"got {type(level_grids).__name__}"

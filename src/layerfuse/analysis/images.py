@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_float, check_float_list, check_positive_int
 from .._optional import require
 
 # b batch, c channels, h/w pixel rows/columns
@@ -58,10 +58,11 @@ class ImageFolderBatches:
             raise ValueError(
                 f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(self.root)!r}"
             )
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"{where}: mean and std expected 3 values each (std > 0), got {mean!r}, {std!r}")
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"{where}: crop_pct expected a value in (0, 1], got {crop_pct}")
+        mean = check_float_list(where, "mean", mean, length=3)
+        std = check_float_list(where, "std", std, length=3)
+        for i, s in enumerate(std):
+            check_float(where, f"std[{i}]", s, low=0.0, low_open=True)
+        crop_pct = check_float(where, "crop_pct", crop_pct, low=0.0, high=1.0, low_open=True)
         self.image_size = check_positive_int(where, "image_size", image_size)
         self.batch_size = check_positive_int(where, "batch_size", batch_size)
         self.crop_pct = crop_pct
@@ -114,6 +115,8 @@ class SyntheticImages:
         self.num_images = check_positive_int(where, "num_images", num_images)
         self.image_size = check_positive_int(where, "image_size", image_size)
         self.batch_size = check_positive_int(where, "batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{where}: seed expected an int, got {type(seed).__name__} {seed!r}")
         self.seed = seed
 
     def __len__(self) -> int:

@@ -17,6 +17,7 @@ from .._checks import (
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
@@ -130,11 +131,12 @@ class ConcatFuser(Fuser):
                     f"{[self.in_dims[i] for i in group]}"
                 )
         self.out_dim = sum(self.in_dims[g[0]] for g in self.terms)
+        dd = factory_kwargs(where, device, dtype)
         self.norm_enabled = check_bool(where, "norm", norm)
         self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
         self.drop_first_token = check_bool(where, "drop_first_token", drop_first_token)
         self.norm: nn.LayerNorm | None = (
-            nn.LayerNorm(self.out_dim, eps=self.eps, device=device, dtype=dtype) if self.norm_enabled else None
+            nn.LayerNorm(self.out_dim, eps=self.eps, **dd) if self.norm_enabled else None
         )
         self.reset_parameters()
 

@@ -11,7 +11,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_float, check_module_inputs, check_positive_int
+from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
@@ -123,7 +123,7 @@ class CrossAttentionFuser(DeepQueryFuser):
             raise ValueError(f"{where}: pos_embed=True needs dim to be a multiple of 4, got dim={dim}")
         if mlp_ratio > 0 and round(dim * mlp_ratio) == 0:
             raise ValueError(f"{where}: mlp_ratio={mlp_ratio} gives an MLP of width 0 at dim={dim}")
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.window, self.pos_embed = window, bool(pos_embed)
         self.mlp_ratio, self.qkv_bias, self.attn_drop = float(mlp_ratio), bool(qkv_bias), float(attn_drop)
         self.eps, self.layer_scale_init = eps, layer_scale_init

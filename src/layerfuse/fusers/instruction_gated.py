@@ -16,6 +16,7 @@ from .._checks import (
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..features import LayerFeatures
 from ..layers.instruction_gate import InstructionGate
@@ -159,6 +160,7 @@ class InstructionGatedFuser(Fuser):
         where = "InstructionGatedFuser"
         check_positive_int(where, "dim", dim)
         check_positive_int(where, "text_dim", text_dim)
+        factory_kwargs(where, device, dtype)
         if isinstance(base_layer, bool) or not isinstance(base_layer, int):
             raise TypeError(f"{where}: base_layer expected an int hidden-state index, got {base_layer!r}")
         for flag, value in (

@@ -8,7 +8,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float, check_module_inputs, check_positive_int
+from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
@@ -95,7 +95,7 @@ class MMFuser(DeepQueryFuser):
         self.points = check_positive_int(where, "points", points)
         self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
         self.layer_scale_init = check_float(where, "layer_scale_init", layer_scale_init)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
 
         # Registration order follows the authors' module, so state_dict() lists keys in their order
         # (the layer-scales are plain parameters named gamma1/gamma2 to keep their keys unchanged).

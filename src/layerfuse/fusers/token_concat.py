@@ -17,6 +17,7 @@ from .._checks import (
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
     resolve_grid,
 )
 from ..ops.layer_mean import accumulation_dtype
@@ -89,6 +90,7 @@ class TokenConcatFuser(Fuser):
         super().__init__()
         where = "TokenConcatFuser"
         self.dim = check_positive_int(where, "dim", dim)
+        factory_kwargs(where, device, dtype)  # no parameters, but a wrong device/dtype is still a mistake
         check_positive_int(where, "num_inputs", num_inputs)
         if num_inputs < 2:
             raise ValueError(f"{where}: num_inputs expected at least 2 (a base and an extra layer), got {num_inputs}")

@@ -22,6 +22,7 @@ from .._checks import (
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
@@ -94,7 +95,7 @@ class WeightedSumFuser(Fuser):
     ) -> None:
         super().__init__()
         where = "WeightedSumFuser"
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.dim = check_positive_int(where, "dim", dim)
         check_positive_int(where, "num_inputs", num_inputs)
         check_choice(where, "normalize", normalize, NORMALIZE_MODES)

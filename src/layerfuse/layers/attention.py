@@ -16,7 +16,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_float, check_module_inputs, check_positive_int
+from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..ops.attention import attention, windowed_attention
 from ..ops.attention.dispatch import check_backend_name
 
@@ -75,7 +75,7 @@ class Attention(nn.Module):
         attn_drop = check_float(where, "attn_drop", attn_drop, low=0.0, high=1.0, high_open=True)
         check_bool(where, "qkv_bias", qkv_bias)
         context_dim = dim if context_dim is None else check_positive_int(where, "context_dim", context_dim)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.dim, self.heads, self.context_dim = dim, heads, context_dim
         self.attn_drop, self.backend = float(attn_drop), check_backend_name(where, backend)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias, **dd)

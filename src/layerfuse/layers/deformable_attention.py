@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_grid, check_module_inputs, check_positive_int
+from .._checks import check_choice, check_grid, check_module_inputs, check_positive_int, factory_kwargs
 from ..ops import ms_deform_attn
 from ..ops.msda import backend_names
 
@@ -107,7 +107,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"{where}: dim={dim} expected a multiple of heads={heads}")
         check_choice(where, "backend", backend, ("auto", *backend_names()))
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs(where, device, dtype)
         self.dim, self.num_levels, self.heads, self.points, self.backend = dim, num_levels, heads, points, backend
         self.sampling_offsets = nn.Linear(dim, heads * num_levels * points * 2, **dd)
         self.attention_weights = nn.Linear(dim, heads * num_levels * points, **dd)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_module_inputs, check_positive_int
+from .._checks import check_bool, check_module_inputs, check_positive_int, factory_kwargs
 from ..ops.attention import attention
 from ..ops.layer_mean import accumulation_dtype
 
@@ -50,7 +50,7 @@ class GateAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateAttention", device, dtype)
         if dim % num_heads != 0:
             raise ValueError(f"GateAttention: num_heads={num_heads} must divide dim={dim}")
         self.dim, self.num_heads = dim, num_heads
@@ -104,7 +104,7 @@ class GateBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateBlock", device, dtype)
         self.cross_attention = GateAttention(dim, num_heads, **dd)
         self.ffn = nn.Sequential(nn.Linear(dim, dim, **dd), nn.ReLU(), nn.Linear(dim, dim, **dd))
         self.norm1 = nn.LayerNorm(dim, **dd)
@@ -193,7 +193,7 @@ class InstructionGate(nn.Module):
             raise ValueError(f"{where}: num_heads={num_heads} must divide dim={dim}")
         check_bool(where, "summary_norm", summary_norm)
         check_bool(where, "zero_init_head", zero_init_head)
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs(where, device, dtype)
         self.text_dim, self.summary_dim, self.num_groups = text_dim, summary_dim, num_groups
         self.dim, self.num_blocks, self.num_heads = dim, num_blocks, num_heads
         self.zero_init_head = zero_init_head

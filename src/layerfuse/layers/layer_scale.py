@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float, check_module_inputs, check_positive_int
+from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
 
 __all__ = ["LayerScale"]
 
@@ -39,7 +39,7 @@ class LayerScale(nn.Module):
         super().__init__()
         self.dim = check_positive_int("LayerScale", "dim", dim)
         self.init_value = check_float("LayerScale", "init_value", init_value)
-        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.gamma = nn.Parameter(torch.empty(dim, **factory_kwargs("LayerScale", device, dtype)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

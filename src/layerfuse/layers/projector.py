@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_module_inputs, check_positive_int, check_string
+from .._checks import check_module_inputs, check_positive_int, check_string, factory_kwargs
 from ..serialization import PretrainedMixin
 
 __all__ = ["Projector", "build_projector"]
@@ -56,7 +56,7 @@ class Projector(PretrainedMixin, nn.Sequential):
         check_string(where, "kind", kind, "a projector type string ('linear', 'identity' or 'mlp{N}x_gelu')")
         check_positive_int(where, "in_dim", in_dim)
         check_positive_int(where, "out_dim", out_dim)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         if kind == "identity":
             if in_dim != out_dim:
                 raise ValueError(f"{where}: kind='identity' needs in_dim == out_dim, got {in_dim} and {out_dim}")
