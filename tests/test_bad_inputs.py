@@ -28,7 +28,7 @@ from layerfuse import (
     build_projector,
     from_official,
 )
-from layerfuse.analysis import ImageFolderBatches, SyntheticImages, group_layers
+from layerfuse.analysis import ImageFolderBatches, SyntheticImages, group_layers, plot_similarity
 from layerfuse.cli.main import main as cli
 from layerfuse.cli.models import load_model
 from layerfuse.fusers import gate_entropy_loss
@@ -371,12 +371,17 @@ ROWS = [
     row("image folder truncated image", lambda tmp: list(ImageFolderBatches(_images(tmp, broken=True), image_size=8, mean=(0, 0, 0), std=(1, 1, 1))), ValueError, "broken.png", "not a readable image"),
     row("group_layers nan", lambda _: group_layers(torch.full((3, 3), NAN), k=2), ValueError, "NaN"),
     row("group_layers list", lambda _: group_layers([[1.0]], k=1), TypeError, "similarity"),
+    row("plot path int", lambda _: plot_similarity(torch.eye(3), 5), TypeError, "path", "file path", "int"),
+    row("plot normalize str", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", normalize="yes"), TypeError, "normalize", "bool"),
+    row("plot dpi zero", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", dpi=0), ValueError, "dpi", "positive int"),
+    row("plot groups list", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", groups=[[0, 1]]), TypeError, "groups", "LayerGroups", "list"),
     row("synthetic images zero", lambda _: SyntheticImages(0, image_size=8), ValueError, "num_images", "positive int", "0"),
     # from_official
     row("official method", lambda _: from_official("llava", {}), ValueError, "method", "'mmfuser'", "'llava'"),
     row("official unknown option", lambda _: from_official("dense_connector", {}, foo=1), TypeError, "'dense_connector'", "variant", "unknown foo"),
     row("official state type", lambda _: from_official("mmfuser", 3), TypeError, "state_dict", "mapping", "int"),
     row("official missing file", lambda tmp: from_official("mmfuser", tmp / "none.bin"), FileNotFoundError, "none.bin", "does not exist"),
+    row("official folder", lambda tmp: from_official("mmfuser", tmp), FileNotFoundError, "is a folder", "mm_projector.bin"),
     row("official truncated safetensors", lambda tmp: from_official("dense_connector", truncated(tmp, ".safetensors")), ValueError, "from_official", "ckpt.safetensors", "truncated"),
     row("official truncated bin", lambda tmp: from_official("dense_connector", truncated(tmp, ".bin")), ValueError, "from_official", "ckpt.bin", "truncated"),
     row("official text as bin", lambda tmp: from_official("mmfuser", written(tmp, "mm_projector.bin", "not a checkpoint")), ValueError, "mm_projector.bin", "torch.save"),

@@ -104,6 +104,10 @@ def load_tensor_file(path: str | Path, *, where: str) -> dict[str, torch.Tensor]
             checkpoint nesting the weights under a key).
     """
     path = Path(path)
+    if path.is_dir():
+        raise FileNotFoundError(
+            f"{where}: {path} is a folder; pass the checkpoint file in it (e.g. mm_projector.bin, model.safetensors)"
+        )
     if not path.is_file():
         raise FileNotFoundError(f"{where}: checkpoint file {path} does not exist")
     size = path.stat().st_size
