@@ -41,6 +41,7 @@ from layerfuse.serialization import (
     load_tensor_file,
     read_json_file,
 )
+from layerfuse.text import mean_pool
 
 NAN, INF = math.nan, math.inf
 
@@ -329,6 +330,13 @@ ROWS = [
     row("attention qkv_bias str", lambda _: Attention(8, 2, qkv_bias="no"), TypeError, "qkv_bias", "bool"),
     row("attention float64 input", lambda _: Attention(8, 2)(torch.zeros(1, 3, 8, dtype=torch.float64)), TypeError, "Attention.forward", "x", "torch.float64", "torch.float32"),
     row("attention context device", lambda _: meta(Attention(8, 2))(torch.zeros(1, 3, 8)), ValueError, "Attention.forward", "x", "cpu", "meta"),
+    row("attention x 2-d", lambda _: Attention(8, 2)(torch.zeros(3, 8)), ValueError, "Attention.forward", "x", "(B, N, 8)", "(3, 8)"),
+    row("attention x list", lambda _: Attention(8, 2)([1.0]), TypeError, "x", "torch.Tensor", "list"),
+    row("attention context width", lambda _: Attention(8, 2)(torch.zeros(1, 3, 8), torch.zeros(1, 3, 4)), ValueError, "context", "(B, M, 8)", "(1, 3, 4)"),
+    row("attention context batch", lambda _: Attention(8, 2)(torch.zeros(1, 3, 8), torch.zeros(2, 3, 8)), ValueError, "context", "batch size 2", "1"),
+    row("attention window without grid", lambda _: Attention(8, 2)(torch.zeros(1, 4, 8), window=2), ValueError, "window", "query_grid"),
+    row("msda spatial_shapes str", lambda _: msda()(torch.zeros(1, 4, 8), reference_points((2, 2)), torch.zeros(1, 4, 8), "ab"), TypeError, "spatial_shapes", "(H, W)", "str"),
+    row("msda query list", lambda _: msda()([0.0], reference_points((2, 2)), torch.zeros(1, 4, 8), [(2, 2)]), TypeError, "query", "torch.Tensor", "list"),
     row("msda dims", lambda _: MultiScaleDeformableAttention(8, heads=3), ValueError, "dim=8", "heads=3"),
     row("msda float64 query", lambda _: msda()(torch.zeros(1, 4, 8, dtype=torch.float64), reference_points((2, 2)), torch.zeros(1, 4, 8, dtype=torch.float64), [(2, 2)]), TypeError, "query", "torch.float64", "torch.float32"),
     row("msda meta module", lambda _: meta(msda())(torch.zeros(1, 4, 8), reference_points((2, 2)), torch.zeros(1, 4, 8), [(2, 2)]), ValueError, "query", "cpu", "meta"),
@@ -337,11 +345,14 @@ ROWS = [
     row("msda reference shape", lambda _: msda()(torch.zeros(1, 4, 8), torch.zeros(3, 2), torch.zeros(1, 4, 8), [(2, 2)]), ValueError, "reference_points", "(3, 2)"),
     row("msda reference int", lambda _: msda()(torch.zeros(1, 4, 8), torch.zeros(4, 2, dtype=torch.long), torch.zeros(1, 4, 8), [(2, 2)]), TypeError, "reference_points", "floating-point"),
     row("gate float64 text", lambda _: InstructionGate(6, 8, 2, dim=8, num_blocks=1, num_heads=2)(torch.zeros(2, 6, dtype=torch.float64), torch.zeros(2, 2, 8)), TypeError, "InstructionGate.forward", "text", "torch.float64"),
+    row("gate text width", lambda _: InstructionGate(6, 8, 2, dim=8, num_blocks=1, num_heads=2)(torch.zeros(2, 5), torch.zeros(2, 2, 8)), ValueError, "text", "(B, 6)", "(2, 5)"),
+    row("gate summaries groups", lambda _: InstructionGate(6, 8, 2, dim=8, num_blocks=1, num_heads=2)(torch.zeros(2, 6), torch.zeros(2, 3, 8)), ValueError, "summaries", "(2, 2, 8)", "(2, 3, 8)"),
     row("gate num_heads", lambda _: InstructionGate(6, 8, 2, dim=8, num_heads=3), ValueError, "num_heads=3", "dim=8"),
     row("gate zero_init_head str", lambda _: InstructionGate(6, 8, 2, zero_init_head="yes"), TypeError, "zero_init_head", "bool"),
     row("layer_scale init nan", lambda _: LayerScale(8, NAN), ValueError, "init_value", "finite", "nan"),
     row("layer_scale init str", lambda _: LayerScale(8, "0"), TypeError, "init_value", "float", "'0'"),
     row("layer_scale dim", lambda _: LayerScale(0), ValueError, "dim", "positive int", "0"),
+    row("layer_scale width", lambda _: LayerScale(8)(torch.zeros(2, 4)), ValueError, "x", "(*, 8)", "(2, 4)"),
     row("layer_scale meta", lambda _: meta(LayerScale(8))(torch.zeros(2, 8)), ValueError, "LayerScale.forward", "x", "cpu", "meta"),
     row("sincos dim", lambda _: sincos_2d((2, 2), 6), ValueError, "dim", "multiple of 4", "6"),
     row("sincos grid", lambda _: sincos_2d((2, 0), 8), ValueError, "grid", "positive", "(2, 0)"),
@@ -352,6 +363,10 @@ ROWS = [
     row("layer_mean tensor", lambda _: layer_mean(torch.zeros(2, 3)), TypeError, "tensors", "sequence", "Tensor"),
     row("layer_mean int", lambda _: layer_mean([torch.zeros(2, 3, dtype=torch.long)]), TypeError, "tensors[0]", "floating-point", "torch.int64"),
     row("layer_mean shapes", lambda _: layer_mean([torch.zeros(2, 3), torch.zeros(2, 4)]), ValueError, "tensors[1]", "(2, 4)", "(2, 3)"),
+    row("reference_points device", lambda _: reference_points((2, 2), device="bogus"), ValueError, "device", "'bogus'"),
+    row("mean_pool list", lambda _: mean_pool([1.0], torch.ones(2, 4)), TypeError, "hidden", "torch.Tensor", "list"),
+    row("mean_pool mask shape", lambda _: mean_pool(torch.zeros(2, 3, 4), torch.ones(2, 4)), ValueError, "attention_mask", "(2, 4)", "(2, 3, 4)"),
+    row("mean_pool empty row", lambda _: mean_pool(torch.zeros(2, 3, 4), torch.zeros(2, 3)), ValueError, "attention_mask", "without any token"),
     row("reference_points grid", lambda _: reference_points((2, -1)), ValueError, "grid", "positive", "(2, -1)"),
     # LayerFeatures / LayerTap
     row("tap layers str", lambda _: LayerTap(Blocks(), "abc", blocks="blocks"), ValueError, "layers", "'all'", "'abc'"),

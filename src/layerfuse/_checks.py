@@ -28,6 +28,7 @@ __all__ = [
     "check_same_batch",
     "check_same_tokens",
     "check_string",
+    "check_tensor",
     "check_widths",
     "factory_kwargs",
     "resolve_grid",
@@ -55,6 +56,20 @@ def check_bool(where: str, name: str, value: object) -> bool:
 def check_string(where: str, name: str, value: object, expected: str = "a string") -> str:
     if not isinstance(value, str):
         raise TypeError(f"{where}: {name} expected {expected}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_tensor(
+    where: str, name: str, value: object, *, shape: str, ndim: int | None = None, last: int | None = None
+) -> Tensor:
+    """A floating-point tensor with ``ndim`` axes and a last axis of ``last``; ``shape`` spells the
+    expected shape for the message, e.g. ``"(B, N, 256)"``."""
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{where}: {name} expected a torch.Tensor {shape}, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{where}: {name} expected a floating-point tensor, got dtype {value.dtype}")
+    if (ndim is not None and value.ndim != ndim) or (last is not None and (value.ndim == 0 or value.shape[-1] != last)):
+        raise ValueError(f"{where}: {name} expected shape {shape}, got {tuple(value.shape)}")
     return value
 
 

@@ -148,7 +148,7 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"{where}: value has batch size {value.shape[0]} but query has {query.shape[0]}; "
                 f"got query {tuple(query.shape)}, value {tuple(value.shape)}"
             )
-        if isinstance(spatial_shapes, Tensor) or not isinstance(spatial_shapes, Sequence):
+        if isinstance(spatial_shapes, Tensor | str | bytes) or not isinstance(spatial_shapes, Sequence):
             raise TypeError(
                 f"{where}: spatial_shapes expected a sequence of {self.num_levels} (H, W) int pairs, "
                 f"got {type(spatial_shapes).__name__}"

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_bool, check_module_inputs, check_positive_int, check_tensor, factory_kwargs
 from ..ops.attention import attention
 from ..ops.layer_mean import accumulation_dtype
 
@@ -231,7 +231,18 @@ class InstructionGate(nn.Module):
         return self.linear(x.squeeze(1))
 
     def forward(self, text: Tensor, summaries: Tensor) -> Tensor:
-        check_module_inputs("InstructionGate.forward", self, text=text, summaries=summaries)
+        where = "InstructionGate.forward"
+        check_module_inputs(where, self, text=text, summaries=summaries)
+        check_tensor(where, "text", text, shape=f"(B, {self.text_dim})", ndim=2, last=self.text_dim)
+        check_tensor(
+            where, "summaries", summaries, shape=f"(B, {self.num_groups}, {self.summary_dim})", ndim=3,
+            last=self.summary_dim,
+        )
+        if summaries.shape[:2] != (text.shape[0], self.num_groups):
+            raise ValueError(
+                f"{where}: summaries expected shape ({text.shape[0]}, {self.num_groups}, {self.summary_dim}) "
+                f"(B from text, K = num_groups), got {tuple(summaries.shape)}"
+            )
         logits = self.logits(text, summaries)
         return logits.softmax(dim=-1, dtype=accumulation_dtype(logits.dtype))
 

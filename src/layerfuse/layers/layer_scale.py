@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_float, check_module_inputs, check_positive_int, check_tensor, factory_kwargs
 
 __all__ = ["LayerScale"]
 
@@ -48,6 +48,7 @@ class LayerScale(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # a float64 input times float32 gamma promotes, as PyTorch does; only the device must agree
         check_module_inputs("LayerScale.forward", self, x=x, any_dtype=("x",))
+        check_tensor("LayerScale.forward", "x", x, shape=f"(*, {self.dim})", last=self.dim)
         return x * self.gamma
 
     def extra_repr(self) -> str:
