@@ -144,6 +144,8 @@ class MMFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the value levels into the query layer.
 
@@ -155,13 +157,19 @@ class MMFuser(DeepQueryFuser):
                 Default: ``features.grid``, else the grid the module was built with.
             level_grids: one (H_l, W_l) per value level, in feature order, when the levels have
                 different grids (e.g. pooled or other-resolution layers). Default: all equal to ``grid``.
+            text: refused (``TypeError``): MMFuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
-        query, levels, query_grid, shapes = self._split(
-            "MMFuser.forward", features, grid, level_grids, self.gamma1.dtype
-        )
+        where = "MMFuser.forward"
+        self._call_args(where, features, grid, text)
+        query, levels, query_grid, shapes = self._split(where, features, grid, level_grids, self.gamma1.dtype)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))
         cross = self.cross_attn(self.query_norm(query), points, value, shapes)
