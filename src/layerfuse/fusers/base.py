@@ -65,6 +65,12 @@ class Fuser(PretrainedMixin, nn.Module):
         return len(self.in_dims)
 
     @property
+    def uses_text(self) -> bool:
+        """Whether `forward` needs the instruction embedding `text` (only a gated
+        [`InstructionGatedFuser`][layerfuse.InstructionGatedFuser] does; the others refuse one)."""
+        return False
+
+    @property
     def layers(self) -> tuple[int, ...] | None:
         """Hidden-state indices to tap, in input order, when known (a fuser built from a preset); else `None`."""
         return None if self.preset is None else self.preset.layers

@@ -189,6 +189,11 @@ class InstructionGatedFuser(Fuser):
         return (*(i for g in self.groups for i in g), self.base_layer)
 
     @property
+    def uses_text(self) -> bool:
+        """``True`` for a gated fuser (``forward`` needs ``text``); ``False`` for ``gated=False``."""
+        return self.gated
+
+    @property
     def tokens(self) -> str:
         """The tap's token mode ``forward`` expects: ``"cls_patch"`` with ``has_cls``, else ``"patch"``."""
         return "cls_patch" if self.has_cls else "patch"

@@ -67,6 +67,11 @@ class FusionProjector(PretrainedMixin, nn.Module):
     def out_dim(self) -> int:
         return self.projector.out_dim
 
+    @property
+    def uses_text(self) -> bool:
+        """Whether `forward` needs the instruction embedding `text` (the fuser's `uses_text`)."""
+        return self.fuser.uses_text
+
     @classmethod
     def from_preset(
         cls,
