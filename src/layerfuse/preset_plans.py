@@ -21,7 +21,7 @@ This module holds data only and imports no fuser: a plan names its fuser class, 
 itself ([`Fuser.from_preset`][layerfuse.Fuser.from_preset]); the factories for any kind of fuser
 ([`build_fuser`][layerfuse.presets.build_fuser],
 [`build_fusion_projector`][layerfuse.presets.build_fusion_projector]) live in
-[`layerfuse.presets`][layerfuse.presets], above both.
+`layerfuse.presets`, above both.
 """
 
 from __future__ import annotations

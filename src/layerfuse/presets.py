@@ -1,7 +1,7 @@
 """Published layer-fusion configurations by name: which hidden states to tap and the fuser to build.
 
 The catalogue itself (the presets, their rules at other depths and the depths they refuse) is
-[`layerfuse.preset_plans`][layerfuse.preset_plans], data that imports no fuser; this module adds the
+`layerfuse.preset_plans`, data that imports no fuser; this module adds the
 factories that build any kind of fuser from it, above both the fusers and the catalogue. A preset is
 always made for a stated depth, or for the depth of the tower it is given; there is no default.
 

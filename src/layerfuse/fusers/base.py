@@ -93,8 +93,8 @@ class Fuser(PretrainedMixin, nn.Module):
     ) -> F:
         """A published configuration by name, made for a stated depth or for a given tower.
 
-        [`layerfuse.presets`][layerfuse.presets] lists the names, their layers and the paper each comes
-        from. The fuser carries `layers` and `tokens`, so it says what to tap:
+        `layerfuse.presets` lists the names, their layers and the paper each comes from
+        ([`preset_names`][layerfuse.presets.preset_names]). The fuser carries `layers` and `tokens`, so it says what to tap:
         `LayerTap(vit, fuser.layers, tokens=fuser.tokens)`. On the base class `Fuser` any kind is
         built; on a subclass the preset must build that class.
 
