@@ -114,3 +114,14 @@ def test_gated_fuser_needs_its_instruction():
     assert fuser.uses_text
     with pytest.raises(ValueError, match=r"InstructionGatedFuser.forward: text is required"):
         fuser(_tapped(), grid=GRID)
+
+
+def test_checks_compile_fullgraph_and_export():
+    # every family's own compile/export test runs these checks too; here with a preset, a tap's
+    # LayerFeatures and an explicit grid, so the layer, prefix and grid checks are traced as well
+    fuser = ConcatFuser.from_preset("dense_connector_dci", dim=C, depth=4, dtype=torch.float64)
+    feats = LayerFeatures([torch.randn(2, 4, C, dtype=torch.float64) for _ in range(4)], grid=(2, 2), layers=(0, 1, 2, 3))
+    compiled = torch.compile(fuser, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(feats, grid=(2, 2)), fuser(feats), rtol=0, atol=0)
+    exported = torch.export.export(fuser, (list(feats),), {"grid": (2, 2)})
+    torch.testing.assert_close(exported.module()(list(feats), grid=(2, 2)), fuser(feats), rtol=0, atol=0)
