@@ -491,7 +491,8 @@ class LayerfuseVisionTower(nn.Module):
     def __init__(self, vision_tower: Any, args: Any, delay_load: bool = False) -> None:
         super().__init__()
         self.is_loaded = False
-        self._source = vision_tower
+        # kept out of the module tree: a built model becomes `vision_tower` only in load_model
+        self.__dict__["_source"] = vision_tower
         if isinstance(vision_tower, str):
             self.vision_tower_name = vision_tower
         elif isinstance(vision_tower, nn.Module):
