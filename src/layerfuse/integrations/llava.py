@@ -112,7 +112,7 @@ class IdentityMap(nn.Module):
 
 
 class LlavaFusionProjector(FusionProjector):
-    r"""The ``mm_projector`` of a multi-layer LLaVA: a [`FusionProjector`][layerfuse.FusionProjector]
+    r"""The ``mm_projector`` of a multi-layer LLaVA: a `layerfuse.FusionProjector`
     that takes the tower's [`LayerFeatures`][layerfuse.LayerFeatures] and also loads the authors'
     ``mm_projector`` state-dict layout.
 
@@ -125,7 +125,7 @@ class LlavaFusionProjector(FusionProjector):
 
     Args:
         fuser: any layerfuse fuser.
-        projector: a [`Projector`][layerfuse.Projector] whose ``in_dim`` is ``fuser.out_dim``.
+        projector: a `layerfuse.Projector` whose ``in_dim`` is ``fuser.out_dim``.
         layers: absolute hidden-state indices (0..depth) feeding ``fuser``, in its input order.
         tokens: token mode of the tap (``"patch"`` or ``"cls_patch"``).
         official: ``{"method": ..., **options}`` for [`from_official`][layerfuse.from_official], or
@@ -669,7 +669,7 @@ def save_mm_adapter(module: nn.Module, path: str | Path) -> Path:
     then ``--mm_projector_type lin_ed_3_18_23``.
 
     Args:
-        module: a [`FusionProjector`][layerfuse.FusionProjector] (e.g. from
+        module: a `layerfuse.FusionProjector` (e.g. from
             [`from_official`][layerfuse.from_official]) or any ``mm_projector`` module.
         path: the file to write.
 
