@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -80,13 +80,14 @@ _OFFICIAL: dict[str, tuple[str, dict[str, Any]]] = {
 _PER_TOKEN = (ConcatFuser, WeightedSumFuser)
 
 
-def _preset(name: str, dim: int, depth: int) -> tuple[Fuser, tuple[int, ...], str]:
-    """The fuser of preset ``name`` for width ``dim`` on a ``depth``-block tower, with the hidden-state
-    indices and token mode that feed it. The one place this module uses the presets API."""
+def _preset(name: str, depth: int) -> tuple[Callable[[int], Fuser], type[Fuser], tuple[int, ...], str]:
+    """Preset ``name`` on a ``depth``-block tower: a factory of its fuser for an input width, the fuser
+    class, and the hidden-state indices and token mode that feed it. The one place this module uses
+    the presets API."""
     from ..presets import preset_plan
 
     plan = preset_plan(name, depth)
-    return plan.build(dim), tuple(plan.layers), plan.tokens
+    return plan.build, plan.fuser, tuple(plan.layers), plan.tokens
 
 
 def fusion_types() -> list[str]:
@@ -220,6 +221,8 @@ class LlavaFusionProjector(FusionProjector):
 
 
 def _split_type(projector_type: str) -> tuple[str, str]:
+    if projector_type.startswith(DIR_PREFIX):  # a folder name may hold a '+'; its projector is saved
+        return projector_type, "mlp2x_gelu"
     fusion, _, mlp = projector_type.partition("+")
     return fusion, mlp or "mlp2x_gelu"
 
@@ -288,54 +291,66 @@ def _depth_of(where: str, config: Any, kwargs: Mapping[str, Any]) -> int:
     return depth
 
 
-def _mmfuser(dim: int, depth: int, config: Any) -> tuple[Fuser, tuple[int, ...], str]:
-    levels = tuple(k * depth // 24 for k in _MMFUSER_LEVELS)
-    heads = int(getattr(config, "mm_mmfuser_heads", 16))
-    points = int(getattr(config, "mm_mmfuser_points", 4))
-    return MMFuser(dim, len(levels), heads, points), (*levels, depth - 1), "patch"
+class _FusionSpec(NamedTuple):
+    """What a fusion type resolves to on one tower, before anything is built."""
+
+    build: Callable[[int], Fuser]  # input width -> fuser
+    fuser_cls: type[Fuser]
+    layers: tuple[int, ...]  # absolute hidden-state indices
+    tokens: str
 
 
-def _fusion_module(
-    where: str, fusion: str, mlp: str, config: Any, depth: int, *, dim: int | None = None, llm_dim: int | None = None
-) -> LlavaFusionProjector:
-    dim = int(config.mm_hidden_size) if dim is None else dim
-    llm_dim = int(config.hidden_size) if llm_dim is None else llm_dim
+def _fusion_spec(where: str, fusion: str, config: Any, depth: int) -> _FusionSpec:
+    """Layers, tokens and fuser of ``fusion`` on a ``depth``-block tower; shared by the projector
+    builder and the tower, so the two cannot disagree."""
+    if fusion == "mmfuser":
+        levels = tuple(k * depth // 24 for k in _MMFUSER_LEVELS)
+        heads = int(getattr(config, "mm_mmfuser_heads", 16))
+        points = int(getattr(config, "mm_mmfuser_points", 4))
+        spec = _FusionSpec(
+            lambda dim: MMFuser(dim, len(levels), heads, points), MMFuser, (*levels, depth - 1), "patch"
+        )
+    else:
+        spec = _FusionSpec(*_preset(fusion, depth))
     select_feature = getattr(config, "mm_vision_select_feature", "patch")
+    if select_feature == "cls_patch":
+        if not issubclass(spec.fuser_cls, _PER_TOKEN):
+            raise ValueError(
+                f"{where}: mm_vision_select_feature='cls_patch' needs a fuser that works token by token; "
+                f"{fusion!r} builds a {spec.fuser_cls.__name__}, which needs patch tokens only (use 'patch')"
+            )
+        return spec._replace(tokens="cls_patch")
+    if select_feature != "patch":
+        raise ValueError(f"{where}: mm_vision_select_feature expected 'patch' or 'cls_patch', got {select_feature!r}")
+    return spec
+
+
+def _fusion_module(where: str, fusion: str, mlp: str, config: Any, depth: int) -> LlavaFusionProjector:
+    dim, llm_dim = int(config.mm_hidden_size), int(config.hidden_size)
     if fusion.startswith(DIR_PREFIX):
         saved = FusionProjector.from_pretrained(fusion[len(DIR_PREFIX):])
-        fuser, layers, tokens = saved.fuser, tuple(k % (depth + 1) for k in saved.layers), saved.tokens
-        module = LlavaFusionProjector(fuser, saved.projector, layers=layers, tokens=tokens)
+        layers = tuple(k % (depth + 1) for k in saved.layers)
+        module = LlavaFusionProjector(saved.fuser, saved.projector, layers=layers, tokens=saved.tokens)
         if module.projector.out_dim != llm_dim:
             raise ValueError(
                 f"{where}: {fusion!r} projects to width {module.projector.out_dim}, but the LLM hidden_size is {llm_dim}"
             )
         return module
-    if fusion == "mmfuser":
-        fuser, layers, tokens = _mmfuser(dim, depth, config)
-    else:
-        fuser, layers, tokens = _preset(fusion, dim, depth)
-    if select_feature == "cls_patch":
-        if not isinstance(fuser, _PER_TOKEN):
-            raise ValueError(
-                f"{where}: mm_vision_select_feature='cls_patch' needs a fuser that works token by token; "
-                f"{fusion!r} builds a {type(fuser).__name__}, which needs patch tokens only (use 'patch')"
-            )
-        tokens = "cls_patch"
-    elif select_feature != "patch":
-        raise ValueError(f"{where}: mm_vision_select_feature expected 'patch' or 'cls_patch', got {select_feature!r}")
+    spec = _fusion_spec(where, fusion, config, depth)
+    fuser = spec.build(dim)
     official = None
     if fusion in _OFFICIAL:
         method, options = _OFFICIAL[fusion]
         official = {"method": method, **options, "depth": depth}
-        if method == "mmfuser":
-            official.update(heads=fuser.heads, points=fuser.points, layers=list(layers))
+        if isinstance(fuser, MMFuser):
+            official.update(heads=fuser.heads, points=fuser.points, layers=list(spec.layers))
         else:
             official["tower"] = _tower_family(config)
             if method == "lin_ed" and official["tower"] == "siglip":
                 # keep every SigLIP patch; the per-token projector weights still apply
                 official["drop_first_token"] = False
     projector = Projector(mlp, fuser.out_dim, llm_dim)
-    return LlavaFusionProjector(fuser, projector, layers=layers, tokens=tokens, official=official)
+    return LlavaFusionProjector(fuser, projector, layers=spec.layers, tokens=spec.tokens, official=official)
 
 
 def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any) -> nn.Module:
@@ -425,11 +440,11 @@ def build_vision_projector(config: Any, delay_load: bool = False, **kwargs: Any)
     return module
 
 
-def _tap_plan(args: Any, depth: int, dim: int) -> tuple[tuple[int, ...], str, bool]:
+def _tap_plan(args: Any, depth: int) -> tuple[tuple[int, ...], str, bool]:
     """(hidden-state indices, token mode, whether the tower returns LayerFeatures) for ``args``."""
     projector_type = getattr(args, "mm_projector_type", "linear") or "linear"
-    select_feature = getattr(args, "mm_vision_select_feature", "patch")
     if not _is_fusion(projector_type):
+        select_feature = getattr(args, "mm_vision_select_feature", "patch")
         return (int(getattr(args, "mm_vision_select_layer", -2)),), select_feature, False
     recorded = getattr(args, CONFIG_KEY, None)
     if isinstance(recorded, Mapping) and recorded.get("projector_type") == projector_type:
@@ -439,9 +454,8 @@ def _tap_plan(args: Any, depth: int, dim: int) -> tuple[tuple[int, ...], str, bo
     if fusion.startswith(DIR_PREFIX):
         saved = json.loads((Path(fusion[len(DIR_PREFIX):]) / CONFIG_NAME).read_text())["config"]
         return tuple(k % (depth + 1) for k in saved["layers"]), saved["tokens"], True
-    # the projector builder's own construction (with a one-wide projector), so the two cannot disagree
-    module = _fusion_module("LayerfuseVisionTower", fusion, "linear", args, depth, dim=dim, llm_dim=1)
-    return module.layers, module.tokens, True
+    spec = _fusion_spec("LayerfuseVisionTower", fusion, args, depth)
+    return spec.layers, spec.tokens, True
 
 
 class LayerfuseVisionTower(nn.Module):
@@ -547,8 +561,7 @@ class LayerfuseVisionTower(nn.Module):
     def _install_tap(self) -> None:
         from ..taps import LayerTap
 
-        config = self.vision_tower.config
-        layers, tokens, fused = _tap_plan(self._args, int(config.num_hidden_layers), int(config.hidden_size))
+        layers, tokens, fused = _tap_plan(self._args, int(self.vision_tower.config.num_hidden_layers))
         # kept out of the module tree so the state-dict keys stay LLaVA's (vision_tower.*)
         self.__dict__["_tap"] = LayerTap(self.vision_tower, layers, tokens=tokens)
         self.returns_layers = fused
