@@ -27,7 +27,7 @@ transformers = pytest.importorskip("transformers")
 from llava.model import LlavaLlamaForCausalLM  # noqa: E402
 from llava.model.language_model.llava_llama import LlavaConfig  # noqa: E402
 
-from layerfuse import LayerFeatures, LayerTap, MMFuser, Projector  # noqa: E402
+from layerfuse import LayerFeatures, LayerTap, MMFuser, Projector, from_official  # noqa: E402
 from layerfuse.fusers.pipeline import FusionProjector  # noqa: E402
 from layerfuse.integrations import llava as lf_llava  # noqa: E402
 from layerfuse.presets import preset_plan  # noqa: E402
@@ -269,6 +269,33 @@ def test_stock_types_keep_llava_behaviour_when_patched(tower_dir):
         assert getattr(tower, name) == getattr(stock.get_model().get_vision_tower(), name)
 
 
+def authors_model(tmp_path, projector_type: str, adapter, *, width: int, llm_width: int, grid: int, **extra):
+    """A LLaVA model on a 24-block CLIP tower given as a config object (no folder, random weights),
+    built in float64 so float64 fixture weights load exactly (LLaVA builds mm_projector in the default
+    dtype), with ``--pretrain_mm_mlp_adapter adapter``."""
+    tower = transformers.CLIPVisionConfig(
+        hidden_size=width, intermediate_size=32, num_hidden_layers=24, num_attention_heads=2, image_size=8 * grid,
+        patch_size=8,
+    )
+    config = LlavaConfig(vocab_size=16, hidden_size=llm_width, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=4)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with patched():
+            model = LlavaLlamaForCausalLM(config)
+            args = SimpleNamespace(**{**vars(model_args("", projector_type, adapter)), "vision_tower": tower})
+            model.get_model().initialize_vision_modules(args)
+    finally:
+        torch.set_default_dtype(default)
+    projector = model.get_model().mm_projector
+    assert projector.projector[0].weight.dtype == torch.float64
+    assert projector.layers == model.get_model().get_vision_tower().tap.resolved_layers
+    return projector
+
+
 def test_authors_mmfuser_checkpoint_loads_through_pretrain_adapter(tmp_path):
     """``mmfuser_small`` (the authors' module, float64, heads 8, 4 levels, grid 6) written as their
     ``mm_projector.bin`` and loaded by LLaVA's ``--pretrain_mm_mlp_adapter`` into a 24-block tower
@@ -276,26 +303,33 @@ def test_authors_mmfuser_checkpoint_loads_through_pretrain_adapter(tmp_path):
     fx = load_fixture("mmfuser_small")
     adapter = tmp_path / "mm_projector.bin"
     torch.save(fx.checkpoint("model.mm_projector."), adapter)
-    tower = transformers.CLIPVisionConfig(
-        hidden_size=128, intermediate_size=32, num_hidden_layers=24, num_attention_heads=8, image_size=48, patch_size=8
-    )
-    config = LlavaConfig(vocab_size=16, hidden_size=64, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=4)
-    config.mm_mmfuser_heads = 8
-    default = torch.get_default_dtype()
-    # LLaVA builds mm_projector in the default dtype; float64 keeps the float64 fixture weights exact
-    torch.set_default_dtype(torch.float64)
-    try:
-        with patched():
-            model = LlavaLlamaForCausalLM(config)
-        # the tower from a config object (no folder, random weights): the patched builder takes one
-            args = SimpleNamespace(**{**vars(model_args("", "mmfuser", adapter)), "vision_tower": tower})
-            model.get_model().initialize_vision_modules(args)
-    finally:
-        torch.set_default_dtype(default)
-    projector = model.get_model().mm_projector
-    assert projector.projector[0].weight.dtype == torch.float64
-    assert projector.layers == (3, 8, 13, 18, 23) == model.get_model().get_vision_tower().tap.resolved_layers
+    projector = authors_model(tmp_path, "mmfuser", adapter, width=128, llm_width=64, grid=6, mm_mmfuser_heads=8)
+    assert projector.layers == (3, 8, 13, 18, 23)
     features = LayerFeatures(fx.inputs(), grid=(6, 6), layers=projector.layers)
     assert_fixture_close(projector(features), fx["output"], name="mmfuser_small output")
     assert_fixture_close(projector.fuser(features), fx["block_output"], name="mmfuser_small block_output")
+
+
+def test_authors_dense_connector_and_lin_checkpoints(tmp_path):
+    """Dense Connector's ``mm_projector.bin`` loads as it is; Lin et al.'s ``mm_projector_f`` keys make
+    LLaVA's own loader fail, and load once converted by ``save_mm_adapter``."""
+    dense = load_fixture("dense_connector_dci")
+    adapter = tmp_path / "dense_connector.bin"
+    torch.save(dense.checkpoint("model.mm_projector."), adapter)
+    projector = authors_model(tmp_path, "dense_connector_dci", adapter, width=16, llm_width=24, grid=5)
+    hidden = dense.hidden_states()
+    features = LayerFeatures([hidden[k][:, 1:] for k in projector.layers], grid=(5, 5), layers=projector.layers)
+    assert_fixture_close(projector(features), dense["output"], name="dense_connector_dci output")
+
+    lin = load_fixture("lin_ed_3-18-23")
+    raw = tmp_path / "lin_raw.bin"
+    torch.save(lin.checkpoint(), raw)
+    with pytest.raises(IndexError):  # LLaVA's get_w splits 'model.mm_projector_f.0.weight' on 'mm_projector.'
+        authors_model(tmp_path, "lin_ed_3_18_23", raw, width=16, llm_width=24, grid=5)
+    converted = lf_llava.save_mm_adapter(
+        from_official("lin_ed", lin.checkpoint(), strategy="3-18-23", tower="clip"), tmp_path / "lin.bin"
+    )
+    projector = authors_model(tmp_path, "lin_ed_3_18_23", converted, width=16, llm_width=24, grid=5)
+    hidden = lin.hidden_states()
+    features = LayerFeatures([hidden[k][:, 1:] for k in projector.layers], grid=(5, 5), layers=projector.layers)
+    assert_fixture_close(projector(features), lin["output"], name="lin_ed_3-18-23 output")
