@@ -82,10 +82,13 @@ def llava_train():
     (``[nn.LayerNorm]``) is put back for the import. Saving the stage-1 adapter needs ``deepspeed``."""
     import transformers.trainer as trainer_module
 
-    if not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS"):
-        trainer_module.ALL_LAYERNORM_LAYERS = [nn.LayerNorm]
     pytest.importorskip("deepspeed", reason="LLaVA's stage-1 save (maybe_zero_3) imports deepspeed")
-    return importlib.import_module("llava.train.train")
+    restore = not hasattr(trainer_module, "ALL_LAYERNORM_LAYERS")
+    if restore:
+        trainer_module.ALL_LAYERNORM_LAYERS = [nn.LayerNorm]
+    yield importlib.import_module("llava.train.train")
+    if restore:
+        del trainer_module.ALL_LAYERNORM_LAYERS
 
 
 def llava_config() -> LlavaConfig:

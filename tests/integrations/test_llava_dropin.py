@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -18,6 +19,7 @@ from layerfuse.integrations.llava import (
     build_vision_projector,
     build_vision_tower,
     fusion_types,
+    patch,
     save_mm_adapter,
 )
 from layerfuse.presets import build_fusion_projector, preset_names
@@ -244,3 +246,9 @@ def test_cls_patch_for_token_wise_fusers():
     assert module.tokens == "cls_patch"
     assert features[0].shape == (1, 17, WIDTH)
     assert module(features).shape == (1, 17, LLM_WIDTH)
+
+
+def test_patch_without_llava_names_the_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "llava", None)
+    with pytest.raises(ImportError, match="pip install llava-torch --no-deps"):
+        patch()
