@@ -137,7 +137,9 @@ def test_grid_resolution_order():
     from_tap = fuser(tapped)
     assert not torch.allclose(from_default, from_tap)
     torch.testing.assert_close(from_tap, fuser(feats, grid=(4, 3)))
-    torch.testing.assert_close(fuser(tapped, grid=(3, 4)), from_default)  # explicit grid wins
+    torch.testing.assert_close(fuser(tapped, grid=(4, 3)), from_tap)  # an explicit grid that agrees is fine
+    with pytest.raises(ValueError, match=r"grid=\(3, 4\) contradicts the grid the features carry \(features.grid=\(4, 3\)"):
+        fuser(tapped, grid=(3, 4))  # never silently preferred over the tap's grid
 
 
 def test_query_index_names_the_query_layer():

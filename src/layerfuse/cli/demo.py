@@ -28,7 +28,6 @@ from ..fusers import (
     WeightedSumFuser,
 )
 from ..layers import Projector
-from ..presets import build_fusion_projector
 from ..taps import LayerTap
 from .demo_vit import DemoViT
 
@@ -39,11 +38,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class DemoMethod:
-    """A published fusion (or LLaVA's single layer) as a fuser + LLaVA projector, ready to feed."""
+    """A published fusion (or LLaVA's single layer) as a fuser + LLaVA projector, ready to feed.
+
+    ``text`` is the instruction embedding for a fuser that uses one (``module.uses_text``), else ``None``.
+    """
 
     name: str
     module: FusionProjector
-    fuser_kwargs: dict[str, Any] = field(default_factory=dict)
+    text: Tensor | None = None
 
 
 def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: torch.device,
@@ -52,7 +54,7 @@ def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: to
     dd: dict[str, Any] = {"device": device, "dtype": dtype}
 
     def preset(name: str) -> FusionProjector:
-        return build_fusion_projector(name, dim=width, llm_dim=llm_dim, depth=depth, **dd)
+        return FusionProjector.from_preset(name, dim=width, llm_dim=llm_dim, depth=depth, **dd)
 
     def attach(fuser: Fuser, layers: tuple[int, ...], tokens: str = "patch") -> FusionProjector:
         return FusionProjector(fuser, Projector("mlp2x_gelu", fuser.out_dim, llm_dim, **dd), layers=layers,
@@ -72,7 +74,7 @@ def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: to
         DemoMethod("Cross-attention, 3x3 windows",
                    attach(CrossAttentionFuser(width, heads=16 if width % 16 == 0 else 4, window=3, **dd),
                           mmfuser_layers)),
-        DemoMethod("IGVA (instruction-gated)", attach(igva, igva.layers, "cls_patch"), {"text": text}),
+        DemoMethod("IGVA (instruction-gated)", attach(igva, igva.layers, igva.tokens), text),
     ]
 
 
@@ -163,7 +165,8 @@ def fuse_step(ctx: DemoContext) -> Table:
         module, feats = method.module, ctx.features[method.name]
         start = time.perf_counter()
         with torch.inference_mode():
-            fused = module.fuser(feats, **method.fuser_kwargs)
+            # one calling convention: every fuser takes the tap's grid (and the instruction, when it uses one)
+            fused = module.fuser(feats, grid=feats.grid, text=method.text)
             tokens = module.projector(fused)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)

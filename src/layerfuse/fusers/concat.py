@@ -96,7 +96,7 @@ class ConcatFuser(Fuser):
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(24)]
         >>> dci(feats).shape
         torch.Size([2, 576, 3072])
-        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024).out_dim
+        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024, depth=24).out_dim
         3072
     """
 
@@ -144,12 +144,27 @@ class ConcatFuser(Fuser):
         if self.norm is not None:
             self.norm.reset_parameters()
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    @classmethod
+    def _plan_arguments(cls, dim: int, num_inputs: int, options: dict[str, Any]) -> dict[str, Any]:
+        return {"in_dims": [dim] * num_inputs, **options}
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
+        [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "ConcatFuser.forward"
+        grid = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, grid, level_grids)
         if self.drop_first_token:
             if tokens < 2:
                 raise ValueError(f"{where}: drop_first_token needs at least 2 tokens, got {tokens}")
@@ -167,6 +182,7 @@ class ConcatFuser(Fuser):
             "norm": self.norm_enabled,
             "eps": self.eps,
             "drop_first_token": self.drop_first_token,
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:

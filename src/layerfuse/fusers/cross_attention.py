@@ -196,6 +196,8 @@ class CrossAttentionFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the key/value levels into the query layer.
 
@@ -208,11 +210,18 @@ class CrossAttentionFuser(DeepQueryFuser):
                 ``window`` and ``pos_embed``; without both, token counts are free.
             level_grids: one (H_l, W_l) per key/value level, in feature order, when the levels have
                 different grids. Default: all equal to ``grid``.
+            text: refused (``TypeError``): this fuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
         where = "CrossAttentionFuser.forward"
+        self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(

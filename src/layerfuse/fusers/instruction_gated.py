@@ -195,6 +195,16 @@ class InstructionGatedFuser(Fuser):
         """Hidden-state indices ``forward`` expects, in order: the groups' layers, then the base layer."""
         return (*(i for g in self.groups for i in g), self.base_layer)
 
+    @property
+    def uses_text(self) -> bool:
+        """``True`` for a gated fuser (``forward`` needs ``text``); ``False`` for ``gated=False``."""
+        return self.gated
+
+    @property
+    def tokens(self) -> str:
+        """The tap's token mode ``forward`` expects: ``"cls_patch"`` with ``has_cls``, else ``"patch"``."""
+        return "cls_patch" if self.has_cls else "patch"
+
     def reset_parameters(self) -> None:
         if self.gate is not None:
             self.gate.reset_parameters()
@@ -306,11 +316,20 @@ class InstructionGatedFuser(Fuser):
             ]
         return self._weights(torch.stack(parts, dim=1), text, feats[0].dtype)
 
-    def forward_with_weights(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> GatedFusion:
+    def forward_with_weights(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> GatedFusion:
         """:meth:`forward` plus the gate weights (for inspection or :func:`gate_entropy_loss`)."""
         where = "InstructionGatedFuser.forward"
+        checked = self._call_args(where, features, grid, text, uses_text=True)
         check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
+        self._check_token_layout(where, features, feats[0].shape[1], checked, level_grids, prefix=int(self.has_cls))
         self._check_text(where, text, feats)
         dtype, acc = feats[0].dtype, accumulation_dtype(feats[0].dtype)
         means = [layer_mean(g, out_dtype=acc) for g in self._group_features(feats)]
@@ -327,9 +346,20 @@ class InstructionGatedFuser(Fuser):
             fused = fused + weights[:, k, None, None] * patches[k]
         return GatedFusion(output=torch.cat([base, fused.to(dtype)], dim=-1), weights=weights)
 
-    def forward(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> Tensor:
-        """Fuse ``features`` (the hidden states named by :attr:`layers`) under instruction ``text``."""
-        return self.forward_with_weights(features, text=text).output
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse ``features`` (the hidden states named by :attr:`layers`) under instruction ``text``.
+
+        ``grid`` (H, W) of the patch tokens and ``level_grids`` are not needed; they are accepted when
+        they fit the tokens (the calling convention of every fuser, see :class:`~layerfuse.Fuser`).
+        """
+        return self.forward_with_weights(features, grid, level_grids, text=text).output
 
 
 def gate_entropy_loss(weights: Tensor) -> Tensor:

@@ -145,6 +145,8 @@ class MMFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the value levels into the query layer.
 
@@ -156,12 +158,20 @@ class MMFuser(DeepQueryFuser):
                 Default: ``features.grid``, else the grid the module was built with.
             level_grids: one (H_l, W_l) per value level, in feature order, when the levels have
                 different grids (e.g. pooled or other-resolution layers). Default: all equal to ``grid``.
+            text: refused (``TypeError``): MMFuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
-        check_module_inputs("MMFuser.forward", self, features=features)
-        query, levels, query_grid, shapes = self._split("MMFuser.forward", features, grid, level_grids)
+        where = "MMFuser.forward"
+        self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
+        query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))
         cross = self.cross_attn(self.query_norm(query), points, value, shapes)

@@ -11,8 +11,9 @@ from torch import Tensor, nn
 from .._checks import check_choice, check_index_list, check_module_inputs
 from ..features import TOKEN_MODES
 from ..layers.projector import Projector
+from ..preset_plans import plan_for
 from ..serialization import PretrainedMixin, real_class
-from .base import Fuser
+from .base import Fuser, check_tapped_layers
 
 __all__ = ["TOKEN_MODES", "FusionProjector"]
 
@@ -67,10 +68,72 @@ class FusionProjector(PretrainedMixin, nn.Module):
     def out_dim(self) -> int:
         return self.projector.out_dim
 
-    def forward(self, features: Sequence[Tensor], **fuser_kwargs: Any) -> Tensor:
-        """Fuse ``features`` and project; keyword arguments (``grid=``, ``text=``) go to the fuser."""
+    @property
+    def uses_text(self) -> bool:
+        """Whether `forward` needs the instruction embedding `text` (the fuser's `uses_text`)."""
+        return self.fuser.uses_text
+
+    @classmethod
+    def from_preset(
+        cls,
+        name: str,
+        *,
+        dim: int,
+        llm_dim: int,
+        depth: int | None = None,
+        tower: nn.Module | None = None,
+        projector: str = "mlp2x_gelu",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> FusionProjector:
+        """A preset's fuser plus a LLaVA projector, with the preset's `layers` and `tokens`.
+
+        Args:
+            name: a preset name ([`preset_names`][layerfuse.presets.preset_names]).
+            dim: ViT width C.
+            llm_dim: LLM hidden size.
+            depth: the backbone's number of transformer blocks. Required unless `tower` is given; there
+                is no default.
+            tower: the vision tower (any model [`LayerTap`][layerfuse.LayerTap] accepts) or its tap; its
+                depth is used.
+            projector: LLaVA `mm_projector_type`. Default: `"mlp2x_gelu"`
+            device: where to build the parameters. Default: the default device.
+            dtype: parameter dtype. Default: the default dtype.
+
+        Returns:
+            The module; `module.layers` and `module.tokens` say what to tap.
+
+        Raises:
+            TypeError: neither `depth` nor `tower` given.
+            ValueError: unknown name, or a depth at which the preset degenerates (named in the message).
+
+        Examples:
+            >>> module = FusionProjector.from_preset("lin_ed_3_18_23", dim=1024, llm_dim=4096, depth=24)
+            >>> module.layers, module.tokens, module.out_dim
+            ((3, 18, 23), 'patch', 4096)
+        """
+        plan = plan_for(f"{cls.__name__}.from_preset", name, depth, tower)
+        fuser = plan.build(dim, device=device, dtype=dtype)
+        proj = Projector(projector, fuser.out_dim, llm_dim, device=device, dtype=dtype)
+        return cls(fuser, proj, layers=plan.layers, tokens=plan.tokens)
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse ``features`` and project.
+
+        Takes the arguments every fuser takes (see [`Fuser`][layerfuse.Fuser]) and passes them on;
+        features tapped from other hidden states than ``layers`` are refused.
+        """
         check_module_inputs("FusionProjector.forward", self, features=features)
-        return self.projector(self.fuser(features, **fuser_kwargs))
+        preset = self.fuser.preset
+        check_tapped_layers("FusionProjector.forward", features, self.layers, None if preset is None else preset.depth)
+        return self.projector(self.fuser(features, grid, level_grids, text=text))
 
     def reset_parameters(self) -> None:
         self.fuser.reset_parameters()

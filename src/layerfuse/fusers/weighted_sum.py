@@ -155,12 +155,23 @@ class WeightedSumFuser(Fuser):
         raw = self.layer_weights.to(accumulation_dtype(self.layer_weights.dtype))
         return torch.softmax(raw, dim=0) if self.normalize == "softmax" else raw
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
+        [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "WeightedSumFuser.forward"
+        grid = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
-        check_same_tokens(where, feats)
+        tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, grid, level_grids)
         w = self.mixing_weights()
         if self.proj_weight is None:
             total = feats[0].to(w.dtype) * w[0]
@@ -185,6 +196,7 @@ class WeightedSumFuser(Fuser):
             "layer_proj_dim": self.layer_proj_dim,
             "init_weights": None if self.init_weights is None else list(self.init_weights),
             "eps": self.eps,
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:
