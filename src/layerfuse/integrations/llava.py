@@ -80,14 +80,18 @@ _OFFICIAL: dict[str, tuple[str, dict[str, Any]]] = {
 _PER_TOKEN = (ConcatFuser, WeightedSumFuser)
 
 
-def _preset(name: str, depth: int) -> tuple[Callable[[int], Fuser], type[Fuser], tuple[int, ...], str]:
+def _preset(name: str, depth: int, tokens: str | None = None) -> tuple[Callable[[int], Fuser], type[Fuser], tuple[int, ...], str]:
     """Preset ``name`` on a ``depth``-block tower: a factory of its fuser for an input width, the fuser
-    class, and the hidden-state indices and token mode that feed it. The one place this module uses
-    the presets API."""
+    class, and the hidden-state indices and token mode that feed it (``tokens`` overrides the preset's,
+    e.g. LLaVA's ``cls_patch``). The one place this module uses the presets API."""
+    from dataclasses import replace
+
     from ..presets import preset_plan
 
     plan = preset_plan(name, depth)
-    return plan.build, plan.fuser, tuple(plan.layers), plan.tokens
+    if tokens is not None:
+        plan = replace(plan, tokens=tokens)
+    return plan.build, plan.fuser_class, tuple(plan.layers), plan.tokens
 
 
 def fusion_types() -> list[str]:
@@ -319,7 +323,8 @@ def _fusion_spec(where: str, fusion: str, config: Any, depth: int) -> _FusionSpe
                 f"{where}: mm_vision_select_feature='cls_patch' needs a fuser that works token by token; "
                 f"{fusion!r} builds a {spec.fuser_cls.__name__}, which needs patch tokens only (use 'patch')"
             )
-        return spec._replace(tokens="cls_patch")
+        # the preset itself carries the token mode, so its fuser checks that the tap keeps the CLS
+        return _FusionSpec(*_preset(fusion, depth, "cls_patch"))
     if select_feature != "patch":
         raise ValueError(f"{where}: mm_vision_select_feature expected 'patch' or 'cls_patch', got {select_feature!r}")
     return spec
