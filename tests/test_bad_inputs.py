@@ -394,6 +394,7 @@ ROWS = [
     # from_official
     row("official method", lambda _: from_official("llava", {}), ValueError, "method", "'mmfuser'", "'llava'"),
     row("official unknown option", lambda _: from_official("dense_connector", {}, foo=1), TypeError, "'dense_connector'", "variant", "unknown foo"),
+    row("official dtype str", lambda _: from_official("dense_connector", {}, dtype="float32"), TypeError, "from_official", "dtype", "'float32'"),
     row("official state type", lambda _: from_official("mmfuser", 3), TypeError, "state_dict", "mapping", "int"),
     row("official missing file", lambda tmp: from_official("mmfuser", tmp / "none.bin"), FileNotFoundError, "none.bin", "does not exist"),
     row("official folder", lambda tmp: from_official("mmfuser", tmp), FileNotFoundError, "is a folder", "mm_projector.bin"),
@@ -402,6 +403,9 @@ ROWS = [
     row("official text as bin", lambda tmp: from_official("mmfuser", written(tmp, "mm_projector.bin", "not a checkpoint")), ValueError, "mm_projector.bin", "torch.save"),
     row("official nested dict", lambda tmp: from_official("mmfuser", _nested(tmp)), TypeError, "nested.bin", "'model'", "nested state dict"),
     # serialization
+    row("load dtype int", lambda tmp: Projector.from_pretrained(saved(tmp), dtype=torch.int32), TypeError, "from_pretrained", "dtype", "torch.int32"),
+    row("load device bogus", lambda tmp: Projector.from_pretrained(saved(tmp), device="bogus"), ValueError, "from_pretrained", "device", "'bogus'"),
+    row("load directory none", lambda _: Projector.from_pretrained(None), TypeError, "from_pretrained", "directory", "NoneType"),
     row("load missing config", lambda tmp: Projector.from_pretrained(tmp / "nothing"), FileNotFoundError, "config.json", "nothing"),
     row("load invalid json", lambda tmp: Projector.from_pretrained(saved(tmp, raw_config='{"class": "Projector",')), ValueError, "config.json", "not valid JSON", "line 1"),
     row("load json list", lambda tmp: Projector.from_pretrained(saved(tmp, config=[1, 2])), ValueError, "config.json", "JSON object", "list"),

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from ._checks import factory_kwargs
 from ._optional import require
 from ._version import __version__
 
@@ -276,6 +277,9 @@ class PretrainedMixin(metaclass=ABCMeta):
             dtype: build in this dtype (the stored weights are cast). Default: the stored dtype.
         """
         where = "from_pretrained"
+        factory_kwargs(where, device, dtype)
+        if not isinstance(directory, str | Path):
+            raise TypeError(f"{where}: directory expected a folder path (str or Path), got {type(directory).__name__}")
         directory = Path(directory)
         config_path = directory / CONFIG_NAME
         if not config_path.is_file():

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import factory_kwargs
 from ..fusers.pipeline import FusionProjector
 from .state_dict import load_checkpoint_file, select_prefixed, target_dtype
 
@@ -66,6 +67,7 @@ def from_official(
             are listed; nothing is loaded partially).
     """
     convert = _converter(method)
+    factory_kwargs("from_official", None, dtype)
     accepted = [name for name in inspect.signature(convert).parameters if name not in ("state_dict", "dtype")]
     unknown = sorted(set(options) - set(accepted))
     if unknown:
