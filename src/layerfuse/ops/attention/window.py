@@ -249,5 +249,6 @@ def windowed_attention(
     # Every window holds at least one token, so the fully-masked-row handling of attention() is not
     # needed; the backend runs directly.
     out = select_backend(tiled, backend).apply(tiled)
-    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b)
+    # Both b and h named: with B = 0 einops could not infer h from (b h) = 0.
+    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b, h=q.shape[1])
     return out.index_select(1, output_index).transpose(1, 2)
