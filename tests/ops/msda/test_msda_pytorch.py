@@ -219,3 +219,21 @@ def test_nan_value_and_weight_propagate():
     torch.testing.assert_close(out, grid_sample_oracle(value, shapes, loc, attn), equal_nan=True)
     assert out[0, :, 3:6].isnan().all()
     assert out[1, 2, :3].isnan().all()
+
+
+@pytest.mark.parametrize("width", [5, 7, 24])
+def test_location_gradient_at_pixel_centres_is_a_one_sided_derivative(width):
+    # At a pixel centre the interpolant has a kink; the gradient is the left or right derivative,
+    # depending on which side the rounded pixel coordinate falls (grid_sample's may differ from ours).
+    value = torch.randn(1, width, 1, 1, dtype=torch.float64)
+    xs = (torch.arange(width, dtype=torch.float64) + 0.5) / width
+    loc = torch.stack([xs, torch.full_like(xs, 0.5)], -1).view(1, width, 1, 1, 1, 2).requires_grad_()
+    attn = torch.ones(1, width, 1, 1, 1, dtype=torch.float64)
+    for out in (ms_deform_attn(value, [(1, width)], loc, attn, backend="pytorch"),
+                grid_sample_oracle(value, [(1, width)], loc, attn)):
+        (grad,) = torch.autograd.grad(out.sum(), loc)
+        padded = torch.cat([value.new_zeros(1), value.flatten(), value.new_zeros(1)])  # zeros outside
+        left, right = (padded[1:-1] - padded[:-2]) * width, (padded[2:] - padded[1:-1]) * width
+        dx = grad[0, :, 0, 0, 0, 0]
+        assert torch.all(torch.isclose(dx, left, atol=1e-9) | torch.isclose(dx, right, atol=1e-9))
+        torch.testing.assert_close(out.flatten(), value.flatten(), atol=1e-13, rtol=0)
