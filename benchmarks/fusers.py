@@ -6,9 +6,16 @@ Cases live in ``benchmarks/cases/`` (one module per fuser family). Default scale
     python benchmarks/fusers.py                 # CPU, plus CUDA when present
     python benchmarks/fusers.py --only mmfuser  # cases whose name contains "mmfuser"
     python benchmarks/fusers.py --quick         # tiny shapes: checks every case runs
+    python benchmarks/fusers.py --only mmfuser_ --autocast bfloat16   # float32 modules under autocast
+
+``mmfuser_block`` (layerfuse's MMFuser alone) is compared with ``mmfuser_authors`` (the authors'
+module with per-level ``grid_sample`` sampling, same weights and inputs) in the same run; every
+other row with LLaVA-1.5's projector on one layer.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 
@@ -20,37 +27,62 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], default_json="fusers.json")
     parser.add_argument("--only", default=None, help="run the cases whose name contains this text")
     parser.add_argument("--dtypes", default="float32", help="comma-separated dtypes (float32,bfloat16,...)")
+    parser.add_argument("--autocast", default=None, choices=["bfloat16", "float16"],
+                        help="also run every case under torch.autocast to this dtype (modules stay in --dtypes)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
     results = []
+    autocasts = [None] if args.autocast is None else [None, getattr(torch, args.autocast)]
     for device in devices_from(args.device):
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
-            for case in all_cases():
-                if args.only and args.only not in case.name and case.name != BASELINE:
-                    continue
-                torch.manual_seed(0)
-                module, features, kwargs = case.build(device, dtype, args.quick)
-                module.eval()
-                with torch.no_grad():
-                    results.append(measure(lambda m=module, f=features, k=kwargs: m(f, **k), case=case.name,
-                                           device=device, dtype=dtype, mode="forward", warmup=warmup,
-                                           repeats=repeats))
-                module.train()
-                leaves = [f.detach().requires_grad_() for f in features]
-
-                def step(m=module, f=leaves, k=kwargs):
-                    out = m(f, **k)
-                    out.float().square().mean().backward()
-                    m.zero_grad(set_to_none=True)
-                    return out
-
-                results.append(measure(step, case=case.name, device=device, dtype=dtype,
-                                       mode="forward+backward", warmup=warmup, repeats=repeats))
+            for autocast in autocasts:
+                settings = {} if autocast is None else {"autocast": str(autocast).removeprefix("torch.")}
+                for case in all_cases():
+                    if args.only and args.only not in case.name and case.name != BASELINE:
+                        continue
+                    results += run_case(case, device, dtype, autocast, settings, args.quick, warmup, repeats)
     print_table(results, title="fusers (+ projector), median over repeats after warm-up; peak = extra memory of one "
-                "call; ratios against LLaVA-1.5's projector on one layer", baseline=lambda r: BASELINE)
-    write_json(results, args.json, benchmark="fusers")
+                "call; ratios against LLaVA-1.5's projector on one layer (mmfuser_block: against the authors' "
+                "module, mmfuser_authors)", baseline=lambda r: RATIO_BASELINES.get(r.case, BASELINE))
+    write_json(results, args.json, benchmark="fusers", extra={"threads": torch.get_num_threads()})
+
+
+# Rows compared with another row than the projector baseline.
+RATIO_BASELINES = {"mmfuser_block": "mmfuser_authors"}
+
+
+def run_case(case, device, dtype, autocast, settings, quick, warmup, repeats):
+    torch.manual_seed(0)
+    module, features, kwargs = case.build(device, dtype, quick)
+
+    def context():
+        if autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast)
+
+    def forward(m=module, f=features, k=kwargs):
+        with context():
+            return m(f, **k)
+
+    module.eval()
+    with torch.no_grad():
+        rows = [measure(forward, case=case.name, device=device, dtype=dtype, mode="forward", warmup=warmup,
+                        repeats=repeats, settings=settings)]
+    module.train()
+    leaves = [f.detach().requires_grad_() for f in features]
+
+    def step(m=module, f=leaves, k=kwargs):
+        with context():
+            out = m(f, **k)
+        out.float().square().mean().backward()
+        m.zero_grad(set_to_none=True)
+        return out
+
+    rows.append(measure(step, case=case.name, device=device, dtype=dtype, mode="forward+backward", warmup=warmup,
+                        repeats=repeats, settings=settings))
+    return rows
 
 
 if __name__ == "__main__":
