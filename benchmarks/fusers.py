@@ -20,7 +20,7 @@ import contextlib
 import torch
 
 from cases import BASELINE, all_cases
-from harness import base_parser, devices_from, measure, print_table, write_json
+from harness import base_parser, devices_from, measure_interleaved, print_table, write_json
 
 
 def main() -> None:
@@ -39,13 +39,17 @@ def main() -> None:
         for dtype in (getattr(torch, d) for d in args.dtypes.split(",")):
             for autocast in autocasts:
                 settings = {} if autocast is None else {"autocast": str(autocast).removeprefix("torch.")}
-                for case in all_cases():
-                    if args.only and args.only not in case.name and case.name != BASELINE:
-                        continue
-                    results += run_case(case, device, dtype, autocast, settings, args.quick, warmup, repeats)
+                cases = [c for c in all_cases() if not args.only or args.only in c.name or c.name == BASELINE]
+                # A case and the case it is compared with are timed in turns, so both see the same load.
+                groups: dict[str, list] = {}
+                for case in cases:
+                    groups.setdefault(RATIO_BASELINES.get(case.name, case.name), []).append(case)
+                for group in groups.values():
+                    results += run_cases(group, device, dtype, autocast, settings, args.quick, warmup, repeats)
     print_table(results, title="fusers (+ projector), median over repeats after warm-up; peak = extra memory of one "
                 "call; ratios against LLaVA-1.5's projector on one layer (mmfuser_block: against the authors' "
-                "module, mmfuser_authors)", baseline=lambda r: RATIO_BASELINES.get(r.case, BASELINE))
+                "module, mmfuser_authors, timed in turns with it)",
+                baseline=lambda r: RATIO_BASELINES.get(r.case, BASELINE))
     write_json(results, args.json, benchmark="fusers", extra={"threads": torch.get_num_threads()})
 
 
@@ -53,36 +57,41 @@ def main() -> None:
 RATIO_BASELINES = {"mmfuser_block": "mmfuser_authors"}
 
 
-def run_case(case, device, dtype, autocast, settings, quick, warmup, repeats):
-    torch.manual_seed(0)
-    module, features, kwargs = case.build(device, dtype, quick)
+def run_cases(cases, device, dtype, autocast, settings, quick, warmup, repeats):
+    """Forward and forward+backward rows of ``cases``, timed in turns."""
 
     def context():
         if autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=autocast)
 
-    def forward(m=module, f=features, k=kwargs):
-        with context():
-            return m(f, **k)
+    forwards, steps, modules = {}, {}, []
+    for case in cases:
+        torch.manual_seed(0)
+        module, features, kwargs = case.build(device, dtype, quick)
+        modules.append(module)
+        leaves = [f.detach().requires_grad_() for f in features]
 
-    module.eval()
+        def forward(m=module, f=features, k=kwargs):
+            with context():
+                return m(f, **k)
+
+        def step(m=module, f=leaves, k=kwargs):
+            with context():
+                out = m(f, **k)
+            out.float().square().mean().backward()
+            m.zero_grad(set_to_none=True)
+            return out
+
+        forwards[case.name], steps[case.name] = forward, step
+    common = {"device": device, "dtype": dtype, "warmup": warmup, "repeats": repeats, "settings": settings}
+    for module in modules:
+        module.eval()
     with torch.no_grad():
-        rows = [measure(forward, case=case.name, device=device, dtype=dtype, mode="forward", warmup=warmup,
-                        repeats=repeats, settings=settings)]
-    module.train()
-    leaves = [f.detach().requires_grad_() for f in features]
-
-    def step(m=module, f=leaves, k=kwargs):
-        with context():
-            out = m(f, **k)
-        out.float().square().mean().backward()
-        m.zero_grad(set_to_none=True)
-        return out
-
-    rows.append(measure(step, case=case.name, device=device, dtype=dtype, mode="forward+backward", warmup=warmup,
-                        repeats=repeats, settings=settings))
-    return rows
+        rows = measure_interleaved(forwards, mode="forward", **common)
+    for module in modules:
+        module.train()
+    return rows + measure_interleaved(steps, mode="forward+backward", **common)
 
 
 if __name__ == "__main__":
