@@ -16,6 +16,7 @@ other row with LLaVA-1.5's projector on one layer.
 from __future__ import annotations
 
 import contextlib
+import statistics
 
 import torch
 
@@ -50,7 +51,33 @@ def main() -> None:
                 "call; ratios against LLaVA-1.5's projector on one layer (mmfuser_block: against the authors' "
                 "module, mmfuser_authors, timed in turns with it)",
                 baseline=lambda r: RATIO_BASELINES.get(r.case, BASELINE))
-    write_json(results, args.json, benchmark="fusers", extra={"threads": torch.get_num_threads()})
+    paired = paired_ratios(results)
+    for line in paired:
+        print(line["text"])
+    write_json(results, args.json, benchmark="fusers", extra={"threads": torch.get_num_threads(), "paired": paired})
+
+
+def paired_ratios(results):
+    """Speed-up of each compared case per turn (the two timed back to back), summarised.
+
+    Under a drifting load the ratio of two medians can mislead; the median of per-turn ratios
+    compares runs that saw about the same load.
+    """
+    lines = []
+    by_key = {(r.case, r.device, r.dtype, r.mode, str(r.settings)): r for r in results}
+    for r in results:
+        ref = by_key.get((RATIO_BASELINES.get(r.case), r.device, r.dtype, r.mode, str(r.settings)))
+        if ref is None:
+            continue
+        ratios = sorted(a / b for a, b in zip(ref.times_ms, r.times_ms))
+        median = statistics.median(ratios)
+        settings = " ".join(f"{k}={v}" for k, v in r.settings.items())
+        text = (f"{r.case} vs {ref.case}, {r.dtype} {settings} {r.mode}: per-turn speed-up median {median:.2f}x "
+                f"(min {ratios[0]:.2f}x, max {ratios[-1]:.2f}x, {len(ratios)} turns, "
+                f"{torch.get_num_threads()} threads)")
+        lines.append({"case": r.case, "baseline": ref.case, "mode": r.mode, "dtype": r.dtype,
+                      "settings": r.settings, "median": median, "ratios": ratios, "text": text})
+    return lines
 
 
 # Rows compared with another row than the projector baseline.
