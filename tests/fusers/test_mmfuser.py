@@ -213,6 +213,28 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *xs: fuser(list(xs)), feats, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def test_gradgradcheck_float64():
+    fuser = perturbed(MMFuser(6, num_levels=1, heads=3, points=1, grid=(2, 2), dtype=torch.float64), scale=0.5)
+    feats = [torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradgradcheck(lambda *xs: fuser(list(xs)), feats, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_non_finite_features_propagate_like_the_grid_sample_oracle(heads, bad):
+    # Odd head counts crashed with an index error when a sampling location became NaN.
+    fuser = perturbed(MMFuser(6, num_levels=2, heads=heads, points=2, dtype=torch.float64))
+    values = [torch.randn(2, 12, 6, dtype=torch.float64) for _ in range(2)]
+    query = torch.randn(2, 12, 6, dtype=torch.float64)
+    query[1, 5, 2] = bad
+    out = fuser([*values, query], grid=(3, 4))
+    with torch.no_grad():
+        expected = oracle_mmfuser(fuser, values, query, (3, 4), [(3, 4)] * 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert out[1, 5].isnan().all()
+    assert torch.isfinite(out[0]).all()
+
+
 def test_save_and_load_round_trip(tmp_path):
     fuser = perturbed(MMFuser(16, num_levels=2, heads=2, points=3, query_index=0, grid=(2, 5), eps=1e-5))
     module = PipelineFusionProjector(fuser, Projector("mlp2x_gelu", 16, 24), layers=[-2, -22, -12])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .dispatch import AttentionInputs, select_backend
+from .dispatch import AttentionInputs, apply_backend, select_backend
 
 __all__ = ["attention"]
 
@@ -44,6 +44,11 @@ def attention(
     **Fully masked query rows** (no key to attend to) return zeros, with zero gradient, on every
     backend. They are computed as if unmasked and then zeroed, so no NaN appears in the forward or
     the backward pass.
+
+    **Non-finite input** gives the same NaN on every backend: a query row holding NaN or ±Inf
+    returns NaN in that row (the eager formula's result; PyTorch's fused CPU SDPA kernel alone would
+    return 0 there, so the row is set to NaN after the kernel), and a NaN key or value, or a NaN in an
+    additive mask, reaches the outputs it enters as in the eager formula. Fully masked rows stay 0.
 
     **Precision**: the eager backend accumulates scores, softmax and the weighted sum in float32
     under bfloat16/float16 (float64 stays float64); the fused SDPA and xformers kernels accumulate
@@ -84,7 +89,7 @@ def attention(
     inputs.validate()
     chosen = select_backend(inputs, backend)
     if mask is None:
-        return chosen.apply(inputs)
+        return apply_backend(chosen, inputs)
     # Rows without any key are run unmasked (finite everywhere, also in backward) and zeroed after, so
     # every backend returns the same zeros instead of its own NaN or garbage.
     if mask.dtype == torch.bool:
@@ -93,5 +98,5 @@ def attention(
     else:
         keep = (mask > float("-inf")).any(dim=-1, keepdim=True)
         safe = mask.masked_fill(~keep, 0.0)
-    out = chosen.apply(AttentionInputs(q, k, v, safe, dropout_p, scale))
+    out = apply_backend(chosen, AttentionInputs(q, k, v, safe, dropout_p, scale))
     return out.masked_fill(~keep, 0.0)

@@ -22,6 +22,7 @@ __all__ = [
     "REGISTRY",
     "AttentionBackend",
     "AttentionInputs",
+    "apply_backend",
     "auto_order",
     "backend_names",
     "check_backend_name",
@@ -199,3 +200,16 @@ get_backend = REGISTRY.get
 check_backend_name = REGISTRY.check_name
 auto_order = REGISTRY.auto_order
 select_backend = REGISTRY.select
+
+
+def apply_backend(backend: AttentionBackend, inputs: AttentionInputs) -> Tensor:
+    """Run ``backend`` on ``inputs``, with a query row holding NaN or ±Inf giving NaN on every backend.
+
+    The eager formula turns such a row into NaN (its scores hold NaN, or ±Inf whose softmax is NaN).
+    PyTorch's fused CPU SDPA kernel returns 0 for a NaN query row instead, so without this the result
+    would depend on the backend ``"auto"`` picks. Keys and values need nothing: every backend already
+    makes a NaN key or value reach the whole output.
+    """
+    out = backend.apply(inputs)
+    finite = torch.isfinite(inputs.query).all(dim=-1, keepdim=True)
+    return out.masked_fill(~finite, float("nan"))

@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..._checks import check_grid, check_positive_int
-from .dispatch import AttentionInputs, select_backend
+from .dispatch import AttentionInputs, apply_backend, select_backend
 
 __all__ = ["default_tile", "resolve_windows", "window_mask", "window_starts", "windowed_attention"]
 
@@ -248,6 +248,7 @@ def windowed_attention(
     tiled = AttentionInputs(q_tiles, k_tiles, v_tiles, mask[:, None], dropout_p, scale)
     # Every window holds at least one token, so the fully-masked-row handling of attention() is not
     # needed; the backend runs directly.
-    out = select_backend(tiled, backend).apply(tiled)
-    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b)
+    out = apply_backend(select_backend(tiled, backend), tiled)
+    # Both b and h named: with B = 0 einops could not infer h from (b h) = 0.
+    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b, h=q.shape[1])
     return out.index_select(1, output_index).transpose(1, 2)

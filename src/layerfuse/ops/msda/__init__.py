@@ -49,7 +49,11 @@ def ms_deform_attn(
     ((i + 0.5)/W, (j + 0.5)/H), and the parts of the bilinear footprint outside a map contribute 0
     (so a location one pixel or more outside gives 0). Sampling and the weighted sum accumulate in
     float32 when the inputs are bfloat16/float16 (float64 stays float64), as the authors' CUDA op does
-    after its float32 cast; the result is returned in ``value.dtype``.
+    after its float32 cast; the result is returned in ``value.dtype``. A sample at a NaN or ±Inf
+    location makes its (query, head) output NaN, as ``grid_sample`` does; B = 0 or Nq = 0 gives an
+    empty result. Second derivatives are exact on every backend (``gradgradcheck``-ed in float64).
+    At a pixel centre the location gradient is a one-sided derivative (the interpolant has a kink
+    there), which may be the other side than ``grid_sample``'s.
 
     Equivalent plain PyTorch code (the straightforward form; the ``"pytorch"`` backend computes the
     same thing faster and with less memory):
