@@ -175,7 +175,18 @@ def patch_grid(patch_embed: nn.Module | None, image_size: tuple[int, int]) -> tu
         h, w = dynamic_feat_size(image_size)
         return int(h), int(w)
     conv = patch_embed if isinstance(patch_embed, nn.Conv2d) else getattr(patch_embed, "proj", None)
-    if not isinstance(conv, nn.Conv2d) or (isinstance(conv.padding, str) and conv.padding != "valid"):
+    if not isinstance(conv, nn.Conv2d):
+        # A linear embedding of unfolded patches (timm Gemma4PatchEmbed): exact only where the patches
+        # tile the image; the token count the blocks return is checked against this grid anyway.
+        size = getattr(patch_embed, "patch_size", None)
+        tiles = (
+            isinstance(size, tuple) and len(size) == 2 and all(isinstance(p, int) and p > 0 for p in size)
+            and image_size[0] % size[0] == 0 and image_size[1] % size[1] == 0
+        )
+        if tiles:
+            return image_size[0] // size[0], image_size[1] // size[1]
+        return None
+    if isinstance(conv.padding, str) and conv.padding != "valid":
         return None
     padding = (0, 0) if isinstance(conv.padding, str) else conv.padding
     return tuple(  # type: ignore[return-value]
@@ -227,15 +238,25 @@ def find_backbone(model: nn.Module, *, blocks: str | None = None, num_prefix_tok
     model = _uncompiled(model)
     entry, prefix, visited = model, "", [model]
     if blocks is None:
+        # A vision tower becomes the module the images go into; a wrapper (`model` of a VLM or of
+        # DINOv3ViTModel, `timm_model`) is only a step on the way to the blocks or to the tower.
+        node, inner = entry, ""
         while True:
-            tower = next((a for a in TOWER_ATTRS if isinstance(getattr(entry, a, None), nn.Module)), None)
-            if tower is None and not any(_block_list(entry, p) is not None for p in BLOCK_PATHS):
-                tower = next((a for a in WRAPPER_ATTRS if isinstance(getattr(entry, a, None), nn.Module)), None)
-            if tower is None:
+            tower = next((a for a in TOWER_ATTRS if isinstance(getattr(node, a, None), nn.Module)), None)
+            if tower is not None:
+                entry = node = _uncompiled(getattr(node, tower))
+                prefix, inner = f"{prefix}{inner}{tower}.", ""
+                visited.append(entry)
+                continue
+            if any(_block_list(node, p) is not None for p in BLOCK_PATHS):
                 break
-            entry, prefix = _uncompiled(getattr(entry, tower)), f"{prefix}{tower}."
-            visited.append(entry)
-        path = next((p for p in BLOCK_PATHS if _block_list(entry, p) is not None), None)
+            wrapper = next((a for a in WRAPPER_ATTRS if isinstance(getattr(node, a, None), nn.Module)), None)
+            if wrapper is None:
+                break
+            node, inner = getattr(node, wrapper), f"{inner}{wrapper}."
+            visited.append(node)
+        found = next((p for p in BLOCK_PATHS if _block_list(node, p) is not None), None)
+        path = None if found is None else inner + found
         _refuse_unverifiable(visited + ([_vit_module(entry, path.rpartition(".")[0])] if path else []), False)
         if path is None:
             raise ValueError(
