@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from .._checks import check_feature_list, check_positive_int, check_same_tokens, check_widths
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["ConcatFuser", "Term"]
 
@@ -134,6 +135,8 @@ class ConcatFuser(Fuser):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         where = "ConcatFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, per_image=False, pass_grid=False)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

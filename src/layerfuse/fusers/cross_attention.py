@@ -16,6 +16,7 @@ from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
 from .deep_query import DeepQueryFuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["CrossAttentionFuser"]
 
@@ -209,6 +210,9 @@ class CrossAttentionFuser(DeepQueryFuser):
             (B, N, C), the fused query tokens.
         """
         where = "CrossAttentionFuser.forward"
+        if is_packed(features):  # images of different sizes: one call per distinct grid
+            return fuse_packed(where, self.forward, features, per_image=True, pass_grid=True, grid=grid,
+                               level_grids=level_grids)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
             where, features, grid, level_grids, self.level_embed.dtype, spatial=spatial

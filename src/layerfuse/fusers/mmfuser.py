@@ -12,6 +12,7 @@ from .._checks import check_positive_int
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["MMFuser"]
 
@@ -159,6 +160,9 @@ class MMFuser(DeepQueryFuser):
         Returns:
             (B, N, C), the fused query tokens.
         """
+        if is_packed(features):  # images of different sizes: one call per distinct grid
+            return fuse_packed("MMFuser.forward", self.forward, features, per_image=True, pass_grid=True,
+                               grid=grid, level_grids=level_grids)
         query, levels, query_grid, shapes = self._split(
             "MMFuser.forward", features, grid, level_grids, self.gamma1.dtype
         )

@@ -20,6 +20,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["TokenConcatFuser"]
 
@@ -137,6 +138,8 @@ class TokenConcatFuser(Fuser):
     def forward(self, features: Sequence[Tensor], grid: Sequence[int] | None = None) -> Tensor:
         """Fuse ``features``; ``grid`` = (H, W) of the patch tokens, used (and required) by ``pool="2d"``."""
         where = "TokenConcatFuser.forward"
+        if is_packed(features):  # images of different sizes: pooling windows stay inside each image
+            return fuse_packed(where, self.forward, features, per_image=True, pass_grid=self.pool == "2d", grid=grid)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

@@ -22,6 +22,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["WeightedSumFuser"]
 
@@ -155,6 +156,8 @@ class WeightedSumFuser(Fuser):
 
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         where = "WeightedSumFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, per_image=False, pass_grid=False)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         check_same_tokens(where, feats)
