@@ -33,6 +33,7 @@ class Case:
     has_class_token: bool = True
     refusal: str | None = None  # regex of the error for a refused case
     checks_index_0: bool = True
+    cls_last: bool = False  # the CLS token comes after the patches (Llama 4 vision)
     kwargs: tuple[tuple[str, object], ...] = ()  # extra LayerTap arguments
 
     @property
@@ -259,9 +260,6 @@ CASES: list[Case] = [
     hf_refusal("swin", "SwinModel", "SwinConfig", r"SwinModel \(Swin\) is not a plain ViT", sizes=False),
     hf_refusal("swinv2", "Swinv2Model", "Swinv2Config", r"Swinv2Model \(Swin\)", sizes=False),
     hf_refusal("pvt-v2", "PvtV2Model", "PvtV2Config", r"PvtV2Model \(PVT / Twins\)", sizes=False),
-    hf_refusal("llama4-vision", "Llama4VisionModel", "Llama4VisionConfig",
-               r"Llama4VisionModel \(Llama 4 vision\) .*CLS token is appended last", image_size=32, patch_size=8,
-               vision_output_dim=32, projector_input_dim=32, projector_output_dim=32),
     # open_clip: a tower, a whole CLIP (tapped on its image tower, not the text transformer).
     Case("open-clip-vit", "open_clip", _open_clip_vit(), _open_clip_reference(), checks_index_0=False),
     Case("open-clip-vit-avgpool", "open_clip", _open_clip_vit(pool_type="avg", no_ln_pre=True),
@@ -272,6 +270,20 @@ CASES: list[Case] = [
     Case("open-clip-whole-clip", "open_clip", _open_clip_clip(_OC_VISION), _open_clip_reference(lambda m: m.visual),
          checks_index_0=False),
 ]
+
+
+def _cls_last_reference(model: nn.Module, images: Tensor, k: int) -> tuple[Tensor | None, Tensor]:
+    full = model(pixel_values=images, output_hidden_states=True).hidden_states[k]
+    return full[:, -1:], full[:, :-1]
+
+
+CASES.append(Case(
+    "hf-llama4-vision", "transformers",
+    _hf("Llama4VisionModel", "Llama4VisionConfig", sizes=False, hidden_size=32, intermediate_size=128,
+        num_attention_heads=2, num_hidden_layers=3, image_size=32, patch_size=8, vision_output_dim=32,
+        projector_input_dim=32, projector_output_dim=32, pixel_shuffle_ratio=0.5),
+    _cls_last_reference, cls_last=True,
+))
 
 
 # Whole multimodal models: tapped through their vision tower.

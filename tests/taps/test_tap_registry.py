@@ -43,7 +43,9 @@ def test_tap_is_exact_or_refuses(case):
                 expected = {
                     "patch": patches,
                     "cls_patch": torch.cat([prefix[:, :1], patches], dim=1) if prefix is not None else None,
-                    "all": patches if prefix is None else torch.cat([prefix, patches], dim=1),
+                    "all": patches if prefix is None else torch.cat(
+                        [patches, prefix] if case.cls_last else [prefix, patches], dim=1
+                    ),
                 }[tokens]
                 assert got.shape == expected.shape, f"{case.name} {tokens} layer {k}: {got.shape} vs {expected.shape}"
                 assert torch.equal(got, expected), f"{case.name} {tokens} layer {k} differs"

@@ -65,6 +65,10 @@ PACKED_CLASSES = {
 }
 
 
+# Towers that append their CLS token after the patches instead of in front (Llama 4's vision encoder).
+CLS_LAST_CLASSES = ("Llama4VisionModel",)
+
+
 @dataclass(frozen=True)
 class Refusal:
     """An architecture whose token layout the tap cannot verify, and what the user can do instead."""
@@ -107,9 +111,6 @@ REFUSALS = (
             "CLS token after the blocks", _HIERARCHICAL),
     Refusal(r"^ViTMAE", "ViTMAE", "it masks and shuffles the patch tokens at random before the blocks",
             "load its weights into a ViTModel and tap that"),
-    Refusal(r"^Llama4Vision", "Llama 4 vision", "its CLS token is appended last, after the patches, and its "
-            "tokens pass through a pixel-shuffle adapter", "blocks='model.layers', num_prefix_tokens=0, "
-            "tokens='all' (the CLS token is then the last token)", True),
     Refusal(r"^Gemma4Vision", "Gemma 4 vision (transformers)", "its patches come as a padded sequence with "
             "per-patch position ids, whose layout the tap does not verify",
             "timm's gemma4_vit models, which LayerTap supports"),
@@ -137,6 +138,8 @@ class Backbone:
         patch_size: the patch side in pixels of a packed tower (Pixtral's ``image_sizes`` are in
             pixels), else 0.
         window_size: the attention-window side in pixels of a ``"merge_window_windowed"`` tower, else 0.
+        num_suffix_tokens: tokens after the patch tokens (Llama 4 vision appends its CLS token last);
+            ``has_class_token`` then refers to that last token.
     """
 
     family: str
@@ -151,6 +154,7 @@ class Backbone:
     merge_size: int = 1
     patch_size: int = 0
     window_size: int = 0
+    num_suffix_tokens: int = 0
 
     @property
     def depth(self) -> int:
@@ -174,6 +178,13 @@ def patch_grid(patch_embed: nn.Module | None, image_size: tuple[int, int]) -> tu
     if callable(dynamic_feat_size):  # timm PatchEmbed / HybridEmbed: knows its dynamic padding
         h, w = dynamic_feat_size(image_size)
         return int(h), int(w)
+    if isinstance(patch_embed, nn.Unfold):  # Llama 4: unfold + linear, the conv arithmetic again
+        pair = lambda v: tuple(v) if isinstance(v, tuple | list) else (v, v)  # noqa: E731
+        return tuple(  # type: ignore[return-value]
+            (size + 2 * p - d * (k - 1) - 1) // s + 1
+            for size, p, d, k, s in zip(image_size, pair(patch_embed.padding), pair(patch_embed.dilation),
+                                        pair(patch_embed.kernel_size), pair(patch_embed.stride))
+        )
     conv = patch_embed if isinstance(patch_embed, nn.Conv2d) else getattr(patch_embed, "proj", None)
     if not isinstance(conv, nn.Conv2d):
         # A linear embedding of unfolded patches (timm Gemma4PatchEmbed): exact only where the patches
@@ -214,7 +225,7 @@ def find_backbone(model: nn.Module, *, blocks: str | None = None, num_prefix_tok
             wrong type.
         ValueError: no block list is found, or the architecture's token layout cannot be verified
             (XCiT, CrossViT, Hiera, Swin, PVT/Twins, TNT, PiT, CaiT, ConViT, DaViT, MViTv2, LeViT,
-            VOLO, ViTMAE, Llama 4 vision, ...): the message names the architecture and what to pass.
+            VOLO, ViTMAE, ...): the message names the architecture and what to pass.
 
     Examples:
         >>> from layerfuse.cli.demo_vit import DemoViT
@@ -289,6 +300,9 @@ def find_backbone(model: nn.Module, *, blocks: str | None = None, num_prefix_tok
     layout = next((PACKED_CLASSES[type(m).__name__] for m in visited if type(m).__name__ in PACKED_CLASSES), "plain")
     if layout != "plain":
         detected_prefix, has_cls = 0, False
+    cls_last = any(type(m).__name__ in CLS_LAST_CLASSES for m in visited)
+    if cls_last:
+        detected_prefix, has_cls = 0, True
     config = getattr(entry, "config", None)
     return Backbone(
         family=type(entry).__module__.partition(".")[0] if _is_known(entry) else "custom",
@@ -303,6 +317,7 @@ def find_backbone(model: nn.Module, *, blocks: str | None = None, num_prefix_tok
         merge_size=int(getattr(entry, "spatial_merge_size", 1)) if layout.startswith("merge_window") else 1,
         patch_size=int(getattr(config, "patch_size", 0) or 0) if layout != "plain" else 0,
         window_size=int(getattr(entry, "window_size", 0) or 0) if layout == "merge_window_windowed" else 0,
+        num_suffix_tokens=int(cls_last),
     )
 
 
@@ -384,4 +399,4 @@ def _patch_embed(owner: nn.Module, block_list: nn.Module) -> nn.Module | None:
     timm_embed = getattr(owner, "patch_embed", None)
     if isinstance(timm_embed, nn.Module):
         return timm_embed
-    return next((m for _, m in _outside(owner, block_list) if isinstance(m, nn.Conv2d)), None)
+    return next((m for _, m in _outside(owner, block_list) if isinstance(m, nn.Conv2d | nn.Unfold)), None)

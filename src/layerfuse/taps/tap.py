@@ -101,8 +101,7 @@ class LayerTap(nn.Module):
 
     The tap refuses to guess: every layout it returns is verified (the token count against the patch
     grid and the prefix tokens, the block output form), and architectures whose layout it cannot
-    verify (XCiT, CrossViT, Hiera, Swin, PVT/Twins, TNT, PiT, CaiT, ConViT, DaViT, ViTMAE, Llama 4
-    vision, ...) raise an error naming the architecture and what can be passed instead.
+    verify (XCiT, CrossViT, Hiera, Swin, PVT/Twins, TNT, PiT, CaiT, ConViT, DaViT, ViTMAE, ...) raise an error naming the architecture and what can be passed instead.
 
     Packed, variable-resolution towers (transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V vision
     towers, Pixtral, SigLIP2 NaFlex) take their own inputs (flattened patches and ``grid_thw``;
@@ -330,7 +329,9 @@ class LayerTap(nn.Module):
             state = state.transpose(0, 1)
         if state.ndim == 4 and grid is not None and tuple(state.shape[1:3]) == grid:
             state = state.flatten(1, 2)  # (B, H, W, C) blocks on the patch grid (SAM ViT): raster order
-        prefix = backbone.num_prefix_tokens
+        prefix, suffix = backbone.num_prefix_tokens, backbone.num_suffix_tokens
+        if suffix:  # CLS appended last (Llama 4): verified against the grid like a prefix, then moved
+            return self._select_cls_last(where, name, state, grid, suffix)
         if state.ndim != 3 or state.shape[1] <= prefix:
             raise ValueError(
                 f"{where}: block outputs of {name} expected (B, N, C) with N > {prefix} prefix tokens"
@@ -350,6 +351,22 @@ class LayerTap(nn.Module):
             return state[:, prefix:]
         cls, _, patches = unpack(state, [[1], [prefix - 1], [num_patches]], "b * c")
         return pack([cls, patches], "b * c")[0]
+
+    def _select_cls_last(
+        self, where: str, name: str, state: Tensor, grid: tuple[int, int] | None, suffix: int
+    ) -> Tensor:
+        if state.ndim != 3 or grid is None or state.shape[1] != grid[0] * grid[1] + suffix:
+            expected = "unknown" if grid is None else (
+                f"{grid[0]}x{grid[1]} patches + {suffix} CLS = {grid[0] * grid[1] + suffix}"
+            )
+            raise ValueError(
+                f"{where}: {name} expected (B, N, C) with the CLS token last ({expected} tokens), got "
+                f"{tuple(state.shape)}; the tap does not guess which tokens are patches"
+            )
+        if self.tokens == "all":
+            return state
+        patches, cls = state[:, :-suffix], state[:, -suffix:]
+        return patches if self.tokens == "patch" else pack([cls[:, :1], patches], "b * c")[0]
 
     def extra_repr(self) -> str:
         return (
