@@ -234,3 +234,41 @@ def test_whole_qwen2_vl_model_is_tapped_on_its_visual_tower():
     assert tap.backbone.blocks_path == "model.visual.blocks"
     expected = torch.cat([m.flatten(2)[0].T for m in _merge_window_to_raster(hidden[-1], grid_thw)])
     assert torch.equal(got, expected)
+
+
+def _gemma4_inputs(grids, order=None):
+    longest = max(h * w for h, w in grids)
+    patches = torch.randn(len(grids), longest, 3 * PATCH * PATCH, generator=torch.Generator().manual_seed(0))
+    positions = torch.full((len(grids), longest, 2), -1, dtype=torch.long)
+    for b, (h, w) in enumerate(grids):
+        y, x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        xy = torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+        positions[b, : h * w] = xy if order is None else xy[order(h * w)]
+    return patches, positions
+
+
+@pytest.mark.parametrize("shuffled", [False, True])
+def test_gemma4_vision_places_tokens_by_their_position_ids(shuffled):
+    torch.manual_seed(0)
+    config = transformers.Gemma4VisionConfig(hidden_size=32, intermediate_size=64, num_attention_heads=2,
+                                             num_key_value_heads=2, num_hidden_layers=3, patch_size=PATCH,
+                                             head_dim=16, position_embedding_size=64, pooling_kernel_size=2)
+    model = transformers.Gemma4VisionModel(config).eval()
+    grids = [(4, 6), (2, 2), (6, 4)]
+    order = (lambda n: torch.randperm(n, generator=torch.Generator().manual_seed(n))) if shuffled else None
+    patches, positions = _gemma4_inputs(grids, order)
+    with torch.no_grad():
+        hidden = model(patches, pixel_position_ids=positions, output_hidden_states=True).hidden_states
+        features = LayerTap(model, [0, 1, 2])(patches, pixel_position_ids=positions)
+    assert features.grids == tuple(grids)
+    # Its last hidden_states entry is the pooler's output, not block 3's: compare blocks 0..2.
+    for maps, k in zip(features.maps(), [0, 1, 2], strict=True):
+        for b, ((h, w), got) in enumerate(zip(grids, maps, strict=True)):
+            expected = torch.empty(1, 32, h, w)
+            xy = positions[b, : h * w]
+            expected[0, :, xy[:, 1], xy[:, 0]] = hidden[k][b, : h * w].T
+            assert torch.equal(got, expected), f"layer {k} image {b}: {(got - expected).abs().max()}"
+    bad = positions.clone()
+    bad[0, 1] = bad[0, 0]  # one cell twice, another never
+    with pytest.raises(ValueError, match=r"Gemma4VisionModel image 0: its 24 valid patches do not cover the 4x6 grid"):
+        LayerTap(model, [1])(patches, pixel_position_ids=bad)

@@ -50,8 +50,9 @@ HEAD_NAMES = re.compile(r"(^|\.)(head|pooler|attn_pool|merger|head_\w*)(\.|$)")
 # sequence: "merge_window" (Qwen2-VL, Qwen3-VL, GLM-4V: (sum N_i, C) in 2x2 merge-window order),
 # "merge_window_windowed" (Qwen2.5-VL: the same, reordered into attention windows before the blocks),
 # "packed_raster" (Pixtral: (1, sum N_i, C), each image in raster order), "padded_raster" (SigLIP2
-# NaFlex: (B, max N_i, C), each image's tokens first in raster order, then padding).
-LAYOUTS = ("plain", "merge_window", "merge_window_windowed", "packed_raster", "padded_raster")
+# NaFlex: (B, max N_i, C), each image's tokens first in raster order, then padding), "padded_positions"
+# (Gemma 4 vision: (B, max N_i, C) padded, each token's (x, y) given by pixel_position_ids).
+LAYOUTS = ("plain", "merge_window", "merge_window_windowed", "packed_raster", "padded_raster", "padded_positions")
 PACKED_CLASSES = {
     "Qwen2VisionTransformerPretrainedModel": "merge_window",
     "Qwen3VLVisionModel": "merge_window",
@@ -62,6 +63,7 @@ PACKED_CLASSES = {
     "PixtralVisionModel": "packed_raster",
     "Siglip2VisionModel": "padded_raster",
     "Siglip2VisionTransformer": "padded_raster",
+    "Gemma4VisionModel": "padded_positions",
 }
 
 
@@ -111,9 +113,6 @@ REFUSALS = (
             "CLS token after the blocks", _HIERARCHICAL),
     Refusal(r"^ViTMAE", "ViTMAE", "it masks and shuffles the patch tokens at random before the blocks",
             "load its weights into a ViTModel and tap that"),
-    Refusal(r"^Gemma4Vision", "Gemma 4 vision (transformers)", "its patches come as a padded sequence with "
-            "per-patch position ids, whose layout the tap does not verify",
-            "timm's gemma4_vit models, which LayerTap supports"),
 )
 
 

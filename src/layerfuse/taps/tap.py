@@ -104,8 +104,9 @@ class LayerTap(nn.Module):
     verify (XCiT, CrossViT, Hiera, Swin, PVT/Twins, TNT, PiT, CaiT, ConViT, DaViT, ViTMAE, ...) raise an error naming the architecture and what can be passed instead.
 
     Packed, variable-resolution towers (transformers Qwen2-VL, Qwen2.5-VL, Qwen3-VL and GLM-4V vision
-    towers, Pixtral, SigLIP2 NaFlex) take their own inputs (flattened patches and ``grid_thw``;
-    padded images and ``image_sizes``; patches, ``pixel_attention_mask`` and ``spatial_shapes``) and
+    towers, Pixtral, SigLIP2 NaFlex, Gemma 4 vision) take their own inputs (flattened patches and
+    ``grid_thw``; padded images and ``image_sizes``; patches, ``pixel_attention_mask`` and
+    ``spatial_shapes``; patches and ``pixel_position_ids``) and
     give packed [`LayerFeatures`][layerfuse.LayerFeatures]: (N_1 + ... + N_n, C) per layer, every
     image's tokens in raster order (Qwen's 2x2 merge-window order and Qwen2.5-VL's attention-window
     order undone), with the per-image grids in ``features.grids``.
@@ -244,7 +245,7 @@ class LayerTap(nn.Module):
                 ``interpolate_pos_encoding=True`` for other image sizes). Packed towers need their
                 per-image grids: ``grid_thw`` (or the processor's ``image_grid_thw``) for Qwen-VL /
                 GLM-4V, ``image_sizes`` for Pixtral, ``spatial_shapes`` and
-                ``pixel_attention_mask`` for SigLIP2.
+                ``pixel_attention_mask`` for SigLIP2, ``pixel_position_ids`` for Gemma 4.
 
         Returns:
             [`LayerFeatures`][layerfuse.LayerFeatures]: one tensor per requested layer; packed
@@ -452,6 +453,8 @@ def _packing(
             raise ValueError(f"{where}: {tower} image_sizes {image_sizes.tolist()} exceed the image tensor's "
                              f"{tuple(images.shape[-2:])}")
         return [(int(h) // p, int(w) // p) for h, w in image_sizes.tolist()], None, "packed"
+    if layout == "padded_positions":
+        return _positions_index(where, tower, images, model_kwargs.get("pixel_position_ids"))
     # padded_raster: SigLIP2 NaFlex
     spatial_shapes = need("spatial_shapes", 2)
     mask = model_kwargs.get("pixel_attention_mask")
@@ -470,6 +473,42 @@ def _packing(
         )
     index = (torch.arange(images.shape[0], device=lengths.device)[:, None] * images.shape[1] + positions)[valid]
     return [(int(h), int(w)) for h, w in spatial_shapes.tolist()], index, "padded"
+
+
+def _positions_index(
+    where: str, tower: str, images: Tensor, positions: object
+) -> tuple[list[tuple[int, int]], Tensor, str]:
+    """Grids and raster-order gather index of padded tokens placed by (x, y) ids, (-1, -1) = padding.
+
+    Each image's grid is one more than its largest (y, x); its valid tokens must cover that grid
+    exactly once (in any order), else the layout is refused.
+    """
+    if images.ndim != 3 or not isinstance(positions, Tensor) or positions.shape != (*images.shape[:2], 2):
+        got = tuple(positions.shape) if isinstance(positions, Tensor) else type(positions).__name__
+        raise ValueError(
+            f"{where}: {tower} expected patches (B, max N, C_in * P * P) and pixel_position_ids= (B, max N, 2) "
+            f"(x, y) ids with (-1, -1) for padding, got patches {tuple(images.shape)} and ids {got}"
+        )
+    valid = (positions >= 0).all(-1)
+    grids, keys, base = [], [], 0
+    for b in range(images.shape[0]):  # grid bookkeeping per image; the tokens are gathered at once
+        xy = positions[b][valid[b]]
+        if xy.numel() == 0:
+            raise ValueError(f"{where}: {tower} image {b} has no valid patch in pixel_position_ids")
+        w, h = (int(v) + 1 for v in xy.max(0).values)
+        raster = xy[:, 1] * w + xy[:, 0]
+        if xy.shape[0] != h * w or torch.unique(raster).numel() != h * w:
+            raise ValueError(
+                f"{where}: {tower} image {b}: its {xy.shape[0]} valid patches do not cover the {h}x{w} grid of "
+                "their position ids exactly once; the tap cannot place them"
+            )
+        grids.append((h, w))
+        keys.append(base + raster)
+        base += h * w
+    rows = torch.arange(images.shape[0], device=positions.device)[:, None] * images.shape[1]
+    flat = (rows + torch.arange(images.shape[1], device=positions.device))[valid]
+    index = flat[torch.argsort(torch.cat(keys))]
+    return grids, index, "padded"
 
 
 def _merge_window_index(backbone: Backbone, grid_thw: Tensor) -> tuple[list[tuple[int, int]], Tensor]:
