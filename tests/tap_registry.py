@@ -260,6 +260,8 @@ CASES: list[Case] = [
     hf_refusal("swin", "SwinModel", "SwinConfig", r"SwinModel \(Swin\) is not a plain ViT", sizes=False),
     hf_refusal("swinv2", "Swinv2Model", "Swinv2Config", r"Swinv2Model \(Swin\)", sizes=False),
     hf_refusal("pvt-v2", "PvtV2Model", "PvtV2Config", r"PvtV2Model \(PVT / Twins\)", sizes=False),
+    hf_refusal("florence2-davit", "Florence2VisionBackbone", "Florence2VisionConfig",
+               r"Florence2VisionBackbone \(DaViT \(Florence-2\)\)", sizes=False),
     # open_clip: a tower, a whole CLIP (tapped on its image tower, not the text transformer).
     Case("open-clip-vit", "open_clip", _open_clip_vit(), _open_clip_reference(), checks_index_0=False),
     Case("open-clip-vit-avgpool", "open_clip", _open_clip_vit(pool_type="avg", no_ln_pre=True),
