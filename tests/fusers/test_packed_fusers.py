@@ -77,3 +77,11 @@ def test_packed_layer_features_checks():
         LayerFeatures([torch.randn(4, 8)], grids=[(2, 2)], grid=(2, 2))
     with pytest.raises(ValueError, match=r"LayerFeatures.offsets: only a packed batch"):
         LayerFeatures([torch.randn(1, 4, 8)], grid=(2, 2)).offsets
+
+
+@pytest.mark.parametrize("name", list(_spatial_fusers()))
+def test_packed_batch_of_no_images_is_empty(name):
+    fuser = _spatial_fusers()[name]
+    empty = LayerFeatures([torch.zeros(0, C, dtype=torch.float64)] * 3, grids=[])
+    out = fuser(empty)
+    assert out.shape == (0, fuser.out_dim)

@@ -211,8 +211,8 @@ class CrossAttentionFuser(DeepQueryFuser):
         """
         where = "CrossAttentionFuser.forward"
         if is_packed(features):  # images of different sizes: one call per distinct grid
-            return fuse_packed(where, self.forward, features, per_image=True, pass_grid=True, grid=grid,
-                               level_grids=level_grids)
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=True, grid=grid, level_grids=level_grids)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
             where, features, grid, level_grids, self.level_embed.dtype, spatial=spatial

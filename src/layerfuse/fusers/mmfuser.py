@@ -161,8 +161,8 @@ class MMFuser(DeepQueryFuser):
             (B, N, C), the fused query tokens.
         """
         if is_packed(features):  # images of different sizes: one call per distinct grid
-            return fuse_packed("MMFuser.forward", self.forward, features, per_image=True, pass_grid=True,
-                               grid=grid, level_grids=level_grids)
+            return fuse_packed("MMFuser.forward", self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=True, grid=grid, level_grids=level_grids)
         query, levels, query_grid, shapes = self._split(
             "MMFuser.forward", features, grid, level_grids, self.gamma1.dtype
         )

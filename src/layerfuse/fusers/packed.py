@@ -30,6 +30,7 @@ def fuse_packed(
     forward: Callable[..., Tensor],
     features: Sequence[Tensor],
     *,
+    out_dim: int,
     per_image: bool,
     pass_grid: bool,
     grid: object = None,
@@ -42,6 +43,7 @@ def fuse_packed(
         where: the calling ``forward``, for messages.
         forward: the fuser's forward on a plain list of (B, N, C) tensors.
         features: packed ``LayerFeatures``: per layer (sum N_i, C), per-image ``grids``.
+        out_dim: the fuser's output width (of the empty result for a batch of no images).
         per_image: whether the fuser mixes tokens within an image (then images are fused apart,
             batched by grid); else the packed sequence is fused in one call as a batch of one.
         pass_grid: whether ``forward`` takes the image's grid as ``grid=``.
@@ -64,6 +66,8 @@ def fuse_packed(
                 f"{list(features.grids)} come with the features (features.grids); drop {name}="
             )
     layers = list(features)
+    if not features.grids:  # no images: an empty result of the fuser's width
+        return layers[0].new_zeros(0, out_dim)
     if not per_image:
         return forward([t.unsqueeze(0) for t in layers], **kwargs).squeeze(0)
     views = features.split()

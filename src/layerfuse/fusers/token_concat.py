@@ -139,7 +139,8 @@ class TokenConcatFuser(Fuser):
         """Fuse ``features``; ``grid`` = (H, W) of the patch tokens, used (and required) by ``pool="2d"``."""
         where = "TokenConcatFuser.forward"
         if is_packed(features):  # images of different sizes: pooling windows stay inside each image
-            return fuse_packed(where, self.forward, features, per_image=True, pass_grid=self.pool == "2d", grid=grid)
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=self.pool == "2d", grid=grid)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

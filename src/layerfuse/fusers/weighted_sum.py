@@ -157,7 +157,8 @@ class WeightedSumFuser(Fuser):
     def forward(self, features: Sequence[Tensor]) -> Tensor:
         where = "WeightedSumFuser.forward"
         if is_packed(features):  # token-wise: the packed sequence as a batch of one
-            return fuse_packed(where, self.forward, features, per_image=False, pass_grid=False)
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
+                pass_grid=False)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         check_same_tokens(where, feats)
