@@ -212,3 +212,30 @@ def test_unknown_grid_refuses_to_slice_prefix_tokens():
     with torch.no_grad():
         (out,) = LayerTap(model, [2], tokens="all")(images)
         assert torch.equal(out, model(images))
+
+
+def test_refusals_hold_through_blocks_and_lift_only_where_the_user_states_the_layout():
+    """blocks= cannot smuggle a refused layout in; where the refusal names blocks= + num_prefix_tokens=, those work."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        pit = timm.create_model("pit_ti_distilled_224", pretrained=False)
+    with pytest.raises(ValueError, match=r"PoolingVisionTransformer \(PiT\) is not a plain ViT"):
+        LayerTap(pit, [1], blocks="transformers.0.blocks", num_prefix_tokens=2)
+    xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
+    with pytest.raises(ValueError, match=r"Xcit \(XCiT\) .* instead: blocks='blocks', num_prefix_tokens=0, tokens='all'"):
+        LayerTap(xcit, [1])
+    images = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"cannot verify the token layout of Xcit: its patch grid is unknown"):
+        LayerTap(xcit, [1], blocks="blocks", num_prefix_tokens=0)(images)
+    with torch.no_grad():
+        (tokens,) = LayerTap(xcit, [2], blocks="blocks", num_prefix_tokens=0, tokens="all")(images)
+        (maps,) = xcit.forward_intermediates(images, indices=[1], intermediates_only=True)
+    assert torch.equal(tokens, maps.flatten(2).transpose(1, 2))
+
+
+def test_hf_hiera_refused_through_blocks():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.HieraModel(transformers.HieraConfig())
+    with pytest.raises(ValueError, match=r"HieraModel \(Hiera\) is not a plain ViT .*mask-unit order"):
+        LayerTap(model, [1], blocks="encoder.stages.0.layers", num_prefix_tokens=0)
