@@ -112,11 +112,13 @@ class LayerTap(nn.Module):
     order undone), with the per-image grids in ``features.grids``.
 
     Args:
-        model: a timm ``VisionTransformer`` / ``Eva`` / DeiT, a transformers ``CLIPVisionModel``,
-            ``CLIPVisionModelWithProjection``, ``SiglipVisionModel``, ``Dinov2Model``,
-            ``Dinov2WithRegistersModel``, ``ViTModel`` (or a ``CLIPModel`` / ``SiglipModel``, tapped
-            through its image tower), an open_clip ``VisionTransformer`` (or a CLIP model), or any
-            model whose block list is named by ``blocks``.
+        model: a timm ViT (``VisionTransformer``, ``Eva``, ``Beit``, SAM, Qwen3 / DeepSeek / Gemma4
+            ViTs), a transformers vision tower (CLIP, SigLIP, DINOv2, DINOv3, ViT, DeiT, Aimv2, Llama 4,
+            ``TimmWrapperModel``, ...), a packed variable-resolution tower (Qwen2-VL, Qwen2.5-VL,
+            Qwen3-VL, GLM-4V, Pixtral, SigLIP2, Gemma 4), a whole multimodal model (tapped through
+            its ``vision_model`` / ``vision_tower`` / ``visual``), an open_clip ``VisionTransformer``
+            or whole ``CLIP``, or any model whose block list is named by ``blocks``. The docs'
+            taps page lists what is supported and what is refused.
         layers: hidden-state indices, in output order (repeats allowed), or ``"all"`` for
             ``0..depth``.
         tokens: ``"patch"`` drops every prefix token (CLS, registers, distillation), ``"cls_patch"``
@@ -132,7 +134,7 @@ class LayerTap(nn.Module):
 
     Shape:
         - images: (B, C_in, H_img, W_img); packed towers: their own pixel input (see above)
-        - output: a :class:`~layerfuse.LayerFeatures` list of ``len(layers)`` tensors (B, N, C) with
+        - output: a [`LayerFeatures`][layerfuse.LayerFeatures] list of ``len(layers)`` tensors (B, N, C) with
           N = H * W (``"patch"``), 1 + H * W (``"cls_patch"``) or num_prefix_tokens + H * W
           (``"all"``), where (H, W) is the patch grid (``output.grid``). ``output.stacked()`` gives
           (L, B, N, C) and ``output.maps()`` (``"patch"`` only) gives (B, C, H, W) maps.
@@ -199,7 +201,7 @@ class LayerTap(nn.Module):
 
     @property
     def removed(self) -> bool:
-        """Whether the hooks are gone (:meth:`remove`, the end of a ``with`` block)."""
+        """Whether the hooks are gone (`remove()`, the end of a ``with`` block)."""
         # The handle list, not the finalizer: torch.compile guards on what forward reads, and the
         # finalizer's global registry changes whenever any object is finalized.
         return not self._handles
