@@ -21,6 +21,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["ConcatFuser", "Term"]
 
@@ -159,6 +160,9 @@ class ConcatFuser(Fuser):
         """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
         [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "ConcatFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
+                pass_grid=False, text=text)
         grid = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)

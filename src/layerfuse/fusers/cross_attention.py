@@ -16,6 +16,7 @@ from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
 from .deep_query import DeepQueryFuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["CrossAttentionFuser"]
 
@@ -221,6 +222,9 @@ class CrossAttentionFuser(DeepQueryFuser):
                 the token counts.
         """
         where = "CrossAttentionFuser.forward"
+        if is_packed(features):  # images of different sizes: one call per distinct grid
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=True, grid=grid, level_grids=level_grids, text=text)
         self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None

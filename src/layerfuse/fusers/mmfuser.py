@@ -12,6 +12,7 @@ from .._checks import check_float, check_module_inputs, check_positive_int, fact
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["MMFuser"]
 
@@ -169,6 +170,9 @@ class MMFuser(DeepQueryFuser):
                 the token counts.
         """
         where = "MMFuser.forward"
+        if is_packed(features):  # images of different sizes: one call per distinct grid
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=True, grid=grid, level_grids=level_grids, text=text)
         self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)

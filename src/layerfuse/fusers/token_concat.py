@@ -22,6 +22,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["TokenConcatFuser"]
 
@@ -158,6 +159,9 @@ class TokenConcatFuser(Fuser):
             (B, N + (num_inputs - 1) * P, C).
         """
         where = "TokenConcatFuser.forward"
+        if is_packed(features):  # images of different sizes: pooling windows stay inside each image
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=self.pool == "2d", grid=grid, text=text)
         checked = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)

@@ -26,6 +26,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["WeightedSumFuser"]
 
@@ -166,6 +167,9 @@ class WeightedSumFuser(Fuser):
         """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
         [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "WeightedSumFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
+                pass_grid=False, text=text)
         grid = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
