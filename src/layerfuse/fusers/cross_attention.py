@@ -16,7 +16,7 @@ from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
 from .deep_query import DeepQueryFuser
-from .packed import fuse_packed, is_packed
+from .packed import PackedLayout, check_packed_call, is_packed
 
 __all__ = ["CrossAttentionFuser"]
 
@@ -222,9 +222,8 @@ class CrossAttentionFuser(DeepQueryFuser):
                 the token counts.
         """
         where = "CrossAttentionFuser.forward"
-        if is_packed(features):  # images of different sizes: one call per distinct grid
-            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
-                pass_grid=True, grid=grid, level_grids=level_grids, text=text)
+        if is_packed(features):  # images of different sizes: one attention call for the whole batch
+            return self._forward_packed(where, features, grid, level_grids, text)
         self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
@@ -246,6 +245,68 @@ class CrossAttentionFuser(DeepQueryFuser):
             y = self.norm_self(x)
             y = y if pos_q is None else y + pos_q
             x = x + self.ls_self(self.self_attn(y, window=self.window, query_grid=query_grid))
+        if self.mlp is not None:
+            x = x + self.ls_mlp(self.mlp(self.norm_mlp(x)))
+        return x
+
+    def _forward_packed(
+        self, where: str, features: Any, grid: object, level_grids: object, text: Tensor | None
+    ) -> Tensor:
+        """A packed batch in one attention call per attention block; each image attends within itself.
+
+        Full attention pads every image to the largest token count and masks the padded keys
+        (a per-image key-padding mask); windowed attention puts the windows of all images, each
+        image tiled within itself, into one batch of windows
+        ([`packed_windowed_attention`][layerfuse.ops.attention.packed_windowed_attention]). Norms,
+        codes and the MLP are token-wise and run on the packed tokens.
+        """
+        check_packed_call(where, features, grid, level_grids)
+        self._call_args(where, features, None, text)
+        check_module_inputs(where, self, features=features)
+        layers = list(features)
+        for i, t in enumerate(layers):
+            if t.ndim != 2 or t.shape[-1] != self.dim:
+                raise ValueError(f"{where}: features[{i}] of a packed batch expected shape (sum N_i, {self.dim}), "
+                                 f"got {tuple(t.shape)}")
+        query = layers[self._query_pos]
+        grids = list(features.grids)
+        if not grids:  # no images: an empty result
+            return query.new_zeros(0, self.dim)
+        levels = [t for i, t in enumerate(layers) if i != self._query_pos]
+        if self.window is not None:
+            for g in dict.fromkeys(grids):
+                self._check_window(where, g, [g] * self.num_levels)
+        dtype = query.dtype
+        q_in = self.norm_q(query)
+        pos = None
+        if self.pos_embed:  # sincos_2d of each distinct grid, so every image gets its own call's codes
+            codes = {g: sincos_2d(g, self.dim, device=query.device, dtype=q_in.dtype) for g in dict.fromkeys(grids)}
+            pos = torch.cat([codes[g] for g in grids], dim=0)
+            q_in = q_in + pos
+        kv = []
+        for level, f in enumerate(levels):
+            code = self.level_embed[level].to(dtype)
+            kv.append(self.norm_kv(f) + (code if pos is None else code + pos.to(dtype)))
+        layout = PackedLayout(grids, device=query.device)
+        if self.window is None:
+            keep = layout.keep(spatial=False)
+            padded_kv = torch.cat([layout.pad(t, spatial=False) for t in kv], dim=1)
+            cross = self.cross_attn(layout.pad(q_in, spatial=False), padded_kv,
+                                    mask=keep.repeat(1, self.num_levels)[:, None, None, :])
+            cross = layout.unpad(cross, spatial=False)
+        else:
+            cross = self.cross_attn(q_in[None], layout.image_major(kv)[None], window=self.window,
+                                    packed_grids=grids)[0]
+        x = query + self.ls_cross(cross)
+        if self.self_attn is not None:
+            y = self.norm_self(x)
+            y = y if pos is None else y + pos
+            if self.window is None:
+                y = self.self_attn(layout.pad(y, spatial=False), mask=keep[:, None, None, :])
+                y = layout.unpad(y, spatial=False)
+            else:
+                y = self.self_attn(y[None], window=self.window, packed_grids=grids)[0]
+            x = x + self.ls_self(y)
         if self.mlp is not None:
             x = x + self.ls_mlp(self.mlp(self.norm_mlp(x)))
         return x

@@ -22,6 +22,7 @@ from ..features import LayerFeatures
 from ..layers.instruction_gate import InstructionGate
 from ..ops.layer_mean import accumulation_dtype, layer_mean
 from .base import Fuser
+from .packed import PackedLayout, check_packed_call, is_packed
 
 __all__ = ["IGVA_GROUPS", "GatedFusion", "InstructionGatedFuser", "gate_entropy_loss"]
 
@@ -326,6 +327,8 @@ class InstructionGatedFuser(Fuser):
     ) -> GatedFusion:
         """:meth:`forward` plus the gate weights (for inspection or :func:`gate_entropy_loss`)."""
         where = "InstructionGatedFuser.forward"
+        if is_packed(features):  # images of different sizes: token-wise, one instruction per image
+            return self._forward_packed(where, features, grid, level_grids, text)
         checked = self._call_args(where, features, grid, text, uses_text=True)
         check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
@@ -346,6 +349,52 @@ class InstructionGatedFuser(Fuser):
             fused = fused + weights[:, k, None, None] * patches[k]
         return GatedFusion(output=torch.cat([base, fused.to(dtype)], dim=-1), weights=weights)
 
+    def _forward_packed(
+        self, where: str, features: Any, grid: object, level_grids: object, text: Tensor | None
+    ) -> GatedFusion:
+        """A packed batch: the gate reads each image's mean patch token and its own instruction.
+
+        The group means and the weighted sum are token-wise and run on the packed tokens; only the
+        summaries are per image (a segment mean over each image's tokens), so image i gets what a
+        call on it alone with ``text[i:i+1]`` gives. ``weights`` is (n_images, K).
+        """
+        check_packed_call(where, features, grid, level_grids)
+        self._call_args(where, features, None, text, uses_text=True)
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
+        if self.has_cls:
+            raise ValueError(
+                f"{where}: has_cls=True reads a CLS token per image, but a packed batch carries patch tokens "
+                "only; build the fuser with has_cls=False"
+            )
+        layers = list(features)
+        for i, (t, width) in enumerate(zip(layers, self.in_dims, strict=True)):
+            if t.ndim != 2 or t.shape[-1] != width:
+                raise ValueError(f"{where}: features[{i}] of a packed batch expected shape (sum N_i, {width}), "
+                                 f"got {tuple(t.shape)}")
+        grids = list(features.grids)
+        num_images = len(grids)
+        if self.gate is not None and isinstance(text, Tensor) and tuple(text.shape) != (num_images, self.text_dim):
+            raise ValueError(
+                f"{where}: text expected shape (n_images, {self.text_dim}) with n_images={num_images}, one "
+                f"instruction embedding per image of the packed batch (grids {grids}), got {tuple(text.shape)}"
+            )
+        self._check_text(where, text, [t.new_empty(num_images, 0) for t in layers[:1]])
+        dtype, acc = layers[0].dtype, accumulation_dtype(layers[0].dtype)
+        if not grids:
+            return GatedFusion(output=layers[0].new_zeros(0, self.out_dim),
+                               weights=layers[0].new_zeros(0, self.num_groups, dtype=acc))
+        layout = PackedLayout(grids, device=layers[0].device)
+        means = [layer_mean(g, out_dtype=acc) for g in self._group_features(layers)]
+        sums = torch.stack(means, dim=1).new_zeros(num_images, self.num_groups, self.dim)
+        sums = sums.index_add(0, layout.image, torch.stack(means, dim=1))
+        summaries = sums / layout.image_sizes.to(acc)[:, None, None]
+        weights = self._weights(summaries, text, dtype)
+        per_token = weights[layout.image]
+        fused = per_token[:, 0, None] * means[0]
+        for k in range(1, self.num_groups):
+            fused = fused + per_token[:, k, None] * means[k]
+        return GatedFusion(output=torch.cat([layers[-1], fused.to(dtype)], dim=-1), weights=weights)
+
     def forward(
         self,
         features: Sequence[Tensor],
@@ -355,6 +404,10 @@ class InstructionGatedFuser(Fuser):
         text: Tensor | None = None,
     ) -> Tensor:
         """Fuse ``features`` (the hidden states named by :attr:`layers`) under instruction ``text``.
+
+        A packed [`LayerFeatures`][layerfuse.LayerFeatures] (per layer (sum N_i, C), per-image
+        ``grids``, patch tokens only, so ``has_cls=False``) is fused token-wise with one instruction
+        embedding per image: ``text`` (n_images, E); the output is (sum N_i, 2C).
 
         ``grid`` (H, W) of the patch tokens and ``level_grids`` are not needed; they are accepted when
         they fit the tokens (the calling convention of every fuser, see :class:`~layerfuse.Fuser`).

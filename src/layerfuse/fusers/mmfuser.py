@@ -12,7 +12,7 @@ from .._checks import check_float, check_module_inputs, check_positive_int, fact
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
-from .packed import fuse_packed, is_packed
+from .packed import PackedLayout, check_packed_call, is_packed
 
 __all__ = ["MMFuser"]
 
@@ -170,9 +170,8 @@ class MMFuser(DeepQueryFuser):
                 the token counts.
         """
         where = "MMFuser.forward"
-        if is_packed(features):  # images of different sizes: one call per distinct grid
-            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
-                pass_grid=True, grid=grid, level_grids=level_grids, text=text)
+        if is_packed(features):  # images of different sizes: one padded, masked batch
+            return self._forward_packed(where, features, grid, level_grids, text)
         self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)
@@ -182,3 +181,47 @@ class MMFuser(DeepQueryFuser):
         refined = self.norm1(cross)
         refined = self.self_attn(refined, points, refined, [query_grid])
         return query + self.gamma1 * (cross + self.gamma2 * refined)
+
+    def _forward_packed(
+        self, where: str, features: Any, grid: object, level_grids: object, text: Tensor | None
+    ) -> Tensor:
+        """A packed batch in one call, as Deformable DETR batches images of different sizes.
+
+        Every layer of image i has the image's grid (h_i, w_i). Each image is padded to the largest
+        (H, W), the padded value tokens are zeroed after ``value_proj`` (``padding_mask``), and each
+        image's reference points are scaled by its valid ratios (w_i / W, h_i / H) while the offsets
+        are divided by the padded (W, H). A sample then sits at ``(r + Δ / w_i) · w_i / W`` of the
+        padded map, the same pixel as ``r + Δ / w_i`` of the image's own map, and what falls outside
+        the image reads zeros in both; so every image gets what a call on it alone gives.
+        """
+        check_packed_call(where, features, grid, level_grids)
+        self._call_args(where, features, None, text)
+        check_module_inputs(where, self, features=features)
+        layers = list(features)
+        for i, t in enumerate(layers):
+            if t.ndim != 2 or t.shape[-1] != self.dim:
+                raise ValueError(f"{where}: features[{i}] of a packed batch expected shape (sum N_i, {self.dim}), "
+                                 f"got {tuple(t.shape)}")
+        query = layers[self._query_pos]
+        if not features.grids:  # no images: an empty result
+            return query.new_zeros(0, self.dim)
+        levels = [t for i, t in enumerate(layers) if i != self._query_pos]
+        layout = PackedLayout(features.grids, device=query.device)
+        size = (layout.height, layout.width)
+        keep = layout.keep(spatial=True)
+        work = torch.promote_types(query.dtype, torch.float32)
+        # Each image's token centres on its own grid, in float32 exactly as reference_points() gives
+        # them, then moved onto the padded map (Deformable DETR's valid ratios).
+        own = torch.stack([(layout.col.float() + 0.5) / layout.image_widths[layout.image].float(),
+                           (layout.row.float() + 0.5) / layout.image_heights[layout.image].float()], dim=-1)
+        ratios = torch.stack([layout.image_widths[layout.image].to(work) / layout.width,
+                              layout.image_heights[layout.image].to(work) / layout.height], dim=-1)
+        points = layout.pad(own.to(work) * ratios, spatial=True)
+        query = layout.pad(query, spatial=True)
+        value = self.feat_norm(torch.cat([layout.pad(t, spatial=True) for t in levels], dim=1))
+        cross = self.cross_attn(self.query_norm(query), points, value, [size] * self.num_levels,
+                                padding_mask=(~keep).repeat(1, self.num_levels))
+        refined = self.norm1(cross)
+        refined = self.self_attn(refined, points, refined, [size], padding_mask=~keep)
+        out = query + self.gamma1 * (cross + self.gamma2 * refined)
+        return layout.unpad(out, spatial=True)

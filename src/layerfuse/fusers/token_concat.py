@@ -22,7 +22,7 @@ from .._checks import (
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
-from .packed import fuse_packed, is_packed
+from .packed import PackedLayout, check_packed_call, is_packed
 
 __all__ = ["TokenConcatFuser"]
 
@@ -160,8 +160,7 @@ class TokenConcatFuser(Fuser):
         """
         where = "TokenConcatFuser.forward"
         if is_packed(features):  # images of different sizes: pooling windows stay inside each image
-            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
-                pass_grid=self.pool == "2d", grid=grid, text=text)
+            return self._forward_packed(where, features, grid, level_grids, text)
         checked = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
@@ -176,6 +175,69 @@ class TokenConcatFuser(Fuser):
         elif tokens < self.window[0]:
             raise ValueError(f"{where}: {tokens} tokens are fewer than the pooling window {self.window[0]}")
         return torch.cat([feats[0], *(self._pool(f, hw) for f in feats[1:])], dim=1)
+
+    def _forward_packed(
+        self, where: str, features: Any, grid: object, level_grids: object, text: Tensor | None
+    ) -> Tensor:
+        """A packed batch in one pass: every image's pooling windows gathered at once.
+
+        Each pooled token is the mean of a window inside its image (2-D windows on the image's grid,
+        1-D windows of consecutive tokens from the image's first token), so the output, image after
+        image ``[base_i; pool(F_1)_i; ...]``, equals one call per image.
+        """
+        check_packed_call(where, features, grid, level_grids)
+        self._call_args(where, features, None, text)
+        check_module_inputs(where, self, features=features)
+        layers = list(features)
+        for i, t in enumerate(layers):
+            if t.ndim != 2 or t.shape[-1] != self.dim:
+                raise ValueError(f"{where}: features[{i}] of a packed batch expected shape (sum N_i, {self.dim}), "
+                                 f"got {tuple(t.shape)}")
+        grids = list(features.grids)
+        if not grids:
+            return layers[0].new_zeros(0, self.dim)
+        for h, w in dict.fromkeys(grids):
+            if self.pool == "2d" and (h < self.window[0] or w < self.window[1]):
+                raise ValueError(f"{where}: grid {(h, w)} (an image of the packed batch) is smaller than the "
+                                 f"pooling window {self.window}")
+            if self.pool == "1d" and h * w < self.window[0]:
+                raise ValueError(f"{where}: {h * w} tokens (an image of the packed batch with grid {(h, w)}) are "
+                                 f"fewer than the pooling window {self.window[0]}")
+        layout = PackedLayout(grids, device=layers[0].device)
+        n = layout.num_images
+        images = torch.arange(n, device=layout.image.device)
+        hs, ws = layout.image_heights, layout.image_widths
+        if self.pool == "2d":
+            kh, kw = self.window
+            pooled_w = ws // kw
+            sizes = (hs // kh) * pooled_w
+        else:
+            sizes = layout.image_sizes // self.window[0]
+        image = torch.repeat_interleave(images, sizes)
+        first = torch.cumsum(sizes, 0) - sizes
+        k = torch.arange(image.shape[0], device=image.device) - first[image]
+        if self.pool == "2d":
+            dy = torch.arange(kh, device=image.device).repeat_interleave(kw)
+            dx = torch.arange(kw, device=image.device).repeat(kh)
+            rows = (k // pooled_w[image] * kh)[:, None] + dy
+            cols = (k % pooled_w[image] * kw)[:, None] + dx
+            window = layout.starts[image, None] + rows * ws[image, None] + cols
+        else:
+            window = (layout.starts[image] + k * self.window[0])[:, None] + torch.arange(
+                self.window[0], device=image.device)
+        acc = accumulation_dtype(layers[0].dtype)
+        pooled = [
+            f.index_select(0, window.flatten()).view(*window.shape, self.dim).mean(dim=1, dtype=acc).to(f.dtype)
+            for f in layers[1:]
+        ]
+        # Where each row lands: image i's block starts after the earlier images' tokens and pooled tokens.
+        extra = len(pooled)
+        out_start = layout.starts + extra * first
+        dest = [out_start[layout.image] + layout.local]
+        for m in range(extra):
+            dest.append(out_start[image] + layout.image_sizes[image] + m * sizes[image] + k)
+        rows_in = torch.cat([layers[0], *pooled], dim=0)
+        return rows_in.new_empty(rows_in.shape).index_copy(0, torch.cat(dest), rows_in)
 
     def get_config(self) -> dict[str, Any]:
         return {

@@ -168,8 +168,7 @@ class WeightedSumFuser(Fuser):
         [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "WeightedSumFuser.forward"
         if is_packed(features):  # token-wise: the packed sequence as a batch of one
-            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
-                pass_grid=False, text=text)
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, text=text)
         grid = self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)

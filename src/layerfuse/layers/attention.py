@@ -24,7 +24,7 @@ from .._checks import (
     check_tensor,
     factory_kwargs,
 )
-from ..ops.attention import attention, windowed_attention
+from ..ops.attention import attention, packed_windowed_attention, windowed_attention
 from ..ops.attention.dispatch import check_backend_name
 
 __all__ = ["Attention"]
@@ -104,11 +104,21 @@ class Attention(nn.Module):
         window: int | Sequence[int] | None = None,
         query_grid: tuple[int, int] | None = None,
         context_grids: Sequence[tuple[int, int]] | None = None,
+        mask: Tensor | None = None,
+        packed_grids: Sequence[tuple[int, int]] | None = None,
     ) -> Tensor:
         """Attend from ``x`` to ``context`` (to ``x`` itself when ``context`` is ``None``).
 
         With ``window``, ``query_grid`` is the (H, W) grid of ``x`` and ``context_grids`` the grids of
         the context levels concatenated in ``context`` (default: ``[query_grid]``).
+
+        ``mask`` (full attention only) is the ``mask=`` of [`attention`][layerfuse.ops.attention.attention],
+        e.g. a (B, 1, 1, M) bool key-padding mask, True at the keys to attend to.
+
+        ``packed_grids`` (windowed attention only) makes ``x`` (1, sum N_i, C) a packed batch of
+        images with these grids, image after image, and ``context`` (1, L · sum N_i, C) the same images'
+        L levels, each image's levels together and each on the image's grid; every image attends
+        within itself ([`packed_windowed_attention`][layerfuse.ops.attention.packed_windowed_attention]).
         """
         where = "Attention.forward"
         check_module_inputs(where, self, x=x, context=context)
@@ -125,7 +135,24 @@ class Attention(nn.Module):
         k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)
         dropout_p = self.attn_drop if self.training else 0.0
         if window is None:
-            out = attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
+            if packed_grids is not None:
+                raise ValueError(f"{where}: packed_grids needs window (pad a packed batch and pass mask= "
+                                 "for full attention)")
+            out = attention(q, k, v, mask=mask, dropout_p=dropout_p, backend=self.backend)
+        elif mask is not None:
+            raise ValueError(f"{where}: mask is for full attention; windowed attention builds its own")
+        elif packed_grids is not None:
+            tokens = sum(h * w for h, w in packed_grids)
+            levels = k.shape[2] // tokens if tokens else 0
+            if tokens != q.shape[2] or levels * tokens != k.shape[2]:
+                raise ValueError(
+                    f"{where}: packed_grids {list(packed_grids)} cover {tokens} tokens per level, which does "
+                    f"not fit x {tuple(x.shape)} and context {tuple(context.shape)}"
+                )
+            out = packed_windowed_attention(
+                q, k, v, query_grids=packed_grids, key_grids=[[g] * levels for g in packed_grids],
+                window=window, dropout_p=dropout_p, backend=self.backend,
+            )
         else:
             if query_grid is None:
                 raise ValueError("Attention.forward: window needs query_grid=(H, W)")

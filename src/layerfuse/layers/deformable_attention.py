@@ -55,7 +55,8 @@ class MultiScaleDeformableAttention(nn.Module):
     The children and their parameter names are those of Deformable DETR's ``MSDeformAttn`` (and thus
     of MMFuser's checkpoints). Under bf16/fp16 the softmax, the sampling locations and the sampling
     itself run in float32 (:func:`layerfuse.ops.ms_deform_attn` accumulates in float32); the linear
-    maps run in the module's dtype or under autocast. Padding masks are not supported.
+    maps run in the module's dtype or under autocast. A ``padding_mask`` zeroes padded value tokens, as
+    in Deformable DETR, for batches of images of different sizes padded to one size.
 
     Args:
         dim: channels C of queries and values; a multiple of ``heads``.
@@ -179,16 +180,56 @@ class MultiScaleDeformableAttention(nn.Module):
         return shapes
 
     def forward(
-        self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Sequence[Sequence[int]]
+        self,
+        query: Tensor,
+        reference_points: Tensor,
+        value: Tensor,
+        spatial_shapes: Sequence[Sequence[int]],
+        *,
+        padding_mask: Tensor | None = None,
     ) -> Tensor:
+        """Attend from ``query`` to bilinear samples of ``value`` around ``reference_points``.
+
+        Args:
+            query: (B, Nq, C).
+            reference_points: (Nq, 2), (B, Nq, 2) or (B, Nq, L, 2), normalised (x, y).
+            value: (B, S, C), the L levels concatenated, each row-major.
+            spatial_shapes: L pairs (H_l, W_l).
+            padding_mask: (B, S) bool, True at value tokens that are padding (Deformable DETR's
+                ``input_padding_mask``): their projected values are set to zero, so a sample reads
+                them as it reads the zeros outside the map. Images of different sizes padded to one
+                (H_l, W_l) then give exactly their unpadded result when each image's reference points
+                are scaled by its valid ratios (w_i / W_l, h_i / H_l), as Deformable DETR's encoder
+                does: the offsets, in pixels, are divided by the padded size. Default: ``None``
+
+        Returns:
+            (B, Nq, C).
+
+        Raises:
+            TypeError: a non-tensor input, or a ``padding_mask`` that is not bool.
+            ValueError: shapes that do not fit each other or ``spatial_shapes``.
+        """
+        where = f"{type(self).__name__}.forward"
         check_module_inputs(
-            f"{type(self).__name__}.forward", self, query=query, value=value, reference_points=reference_points,
+            where, self, query=query, value=value, reference_points=reference_points,
             any_dtype=("reference_points",),
         )
         shapes = self._check_inputs(query, reference_points, value, spatial_shapes)
+        if padding_mask is not None:
+            if not isinstance(padding_mask, Tensor) or padding_mask.dtype != torch.bool:
+                got = padding_mask.dtype if isinstance(padding_mask, Tensor) else type(padding_mask).__name__
+                raise TypeError(f"{where}: padding_mask expected a bool tensor (B, S), got {got}")
+            if padding_mask.shape != value.shape[:2] or padding_mask.device != value.device:
+                raise ValueError(
+                    f"{where}: padding_mask expected shape {tuple(value.shape[:2])} (B, S of value) on "
+                    f"{value.device}, got {tuple(padding_mask.shape)} on {padding_mask.device}"
+                )
         m, lv, p = self.heads, self.num_levels, self.points
 
-        v = rearrange(self.value_proj(value), "b s (m d) -> b s m d", m=m)
+        v = self.value_proj(value)
+        if padding_mask is not None:
+            v = v.masked_fill(padding_mask[..., None], 0.0)
+        v = rearrange(v, "b s (m d) -> b s m d", m=m)
         offsets = rearrange(self.sampling_offsets(query), "b q (m l p xy) -> b q m l p xy", m=m, l=lv, p=p)
         logits = rearrange(self.attention_weights(query), "b q (m lp) -> b q m lp", m=m)
 

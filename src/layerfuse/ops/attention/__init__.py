@@ -21,7 +21,7 @@ from .dispatch import (
 )
 from .eager import EagerBackend, eager_attention
 from .sdpa import SDPABackend
-from .window import window_mask, windowed_attention
+from .window import packed_windowed_attention, window_mask, windowed_attention
 from .xformers import XFormersBackend
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "backend_names",
     "eager_attention",
     "get_backend",
+    "packed_windowed_attention",
     "register_backend",
     "select_backend",
     "unregister_backend",

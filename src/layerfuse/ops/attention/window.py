@@ -29,7 +29,14 @@ from torch import Tensor
 from ..._checks import check_grid, check_positive_int
 from .dispatch import AttentionInputs, apply_backend, select_backend
 
-__all__ = ["default_tile", "resolve_windows", "window_mask", "window_starts", "windowed_attention"]
+__all__ = [
+    "default_tile",
+    "packed_windowed_attention",
+    "resolve_windows",
+    "window_mask",
+    "window_starts",
+    "windowed_attention",
+]
 
 _WHERE = "windowed_attention"
 
@@ -250,5 +257,138 @@ def windowed_attention(
     # needed; the backend runs directly.
     out = apply_backend(select_backend(tiled, backend), tiled)
     # Both b and h named: with B = 0 einops could not infer h from (b h) = 0.
+    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b, h=q.shape[1])
+    return out.index_select(1, output_index).transpose(1, 2)
+
+
+@functools.lru_cache(maxsize=32)
+def _packed_tile_plan(
+    query_grids: tuple[tuple[int, int], ...],
+    key_grids: tuple[tuple[tuple[int, int], ...], ...],
+    windows: tuple[int, ...],
+    tile: int,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The tiles of every image of a packed batch, padded to one tile size and concatenated.
+
+    Each image is cut into tiles exactly as [`windowed_attention`][layerfuse.ops.attention.windowed_attention]
+    cuts it alone; tiles are then padded to the largest tile (n queries) and halo (K keys) of the
+    batch. Padded keys are masked out (-inf) and padded query rows see the tile's real keys (finite,
+    and dropped from the output), so each tile attends exactly as it does in a call on its image.
+    Same returns as ``_tile_plan``, indices into the packed query and key tokens.
+    """
+    with torch.inference_mode(False):
+        plans = {}
+        for grids in zip(query_grids, key_grids):
+            if grids not in plans:
+                plans[grids] = _build_tile_plan(grids[0], grids[1], windows, tile, device, dtype)
+        n_max = max(plan[2].shape[1] for plan in plans.values())
+        k_max = max(plan[2].shape[2] for plan in plans.values())
+        query_index, key_index, masks, output_index = [], [], [], []
+        q_start = k_start = first_tile = 0
+        for grids in zip(query_grids, key_grids):
+            qi, ki, mi, oi = plans[grids]
+            t, n, k = mi.shape
+            q = torch.full((t, n_max), q_start, device=device, dtype=qi.dtype)
+            q[:, :n] = qi.view(t, n) + q_start
+            keys = torch.full((t, k_max), k_start, device=device, dtype=ki.dtype)
+            keys[:, :k] = ki.view(t, k) + k_start
+            mask = torch.full((t, n_max, k_max), float("-inf"), device=device, dtype=dtype)
+            mask[:, :n, :k] = mi
+            mask[:, n:, :k] = 0.0
+            query_index.append(q.flatten())
+            key_index.append(keys.flatten())
+            masks.append(mask)
+            output_index.append((first_tile + oi // n) * n_max + oi % n)
+            (gh, gw), kgrids = grids
+            q_start += gh * gw
+            k_start += sum(h * w for h, w in kgrids)
+            first_tile += t
+        return torch.cat(query_index), torch.cat(key_index), torch.cat(masks), torch.cat(output_index)
+
+
+def packed_windowed_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    query_grids: Sequence[Sequence[int]],
+    key_grids: Sequence[Sequence[Sequence[int]]],
+    window: int | Sequence[int],
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    backend: str = "auto",
+    tile: int | None = None,
+) -> Tensor:
+    """[`windowed_attention`][layerfuse.ops.attention.windowed_attention] over a packed batch of images in one call.
+
+    Image i has Hq_i·Wq_i query tokens and its key levels; its queries attend only to its own keys,
+    each in its window placed on image i's grids. The tiles of all images go into one batch of tiles
+    (each image tiled within itself, padded to the largest tile and masked), so the result equals one
+    ``windowed_attention`` call per image, concatenated, from a single kernel call.
+
+    Args:
+        q: (B, H, sum Hq_i·Wq_i, D) queries, image after image, each row-major over its grid.
+        k: (B, H, M, D) keys, image after image, each image's levels concatenated in order and each
+            row-major over its grid; M = sum over images and levels of H_il·W_il.
+        v: (B, H, M, Dv) values, laid out like ``k``.
+        query_grids: (Hq_i, Wq_i) of each image.
+        key_grids: per image, the (H_il, W_il) of each of its key levels (the same number of levels
+            for every image).
+        window: window side in key tokens, one int or one per level; at most every level's shorter
+            side.
+        dropout_p: attention dropout probability (applied whenever > 0).
+        scale: factor on q·kᵀ. Default: ``D ** -0.5``.
+        backend: attention backend, as in [`attention`][layerfuse.ops.attention.attention].
+        tile: largest query tile side; changes speed and memory only. Default: [`default_tile`][layerfuse.ops.attention.window.default_tile].
+
+    Returns:
+        (B, H, sum Hq_i·Wq_i, Dv).
+
+    Raises:
+        ValueError: grids that do not fit the token counts, a different number of key levels per
+            image, or a window larger than a level.
+
+    Examples:
+        >>> q = torch.randn(1, 2, 4 * 6 + 3 * 3, 8)
+        >>> kv = torch.randn(1, 2, 2 * (4 * 6) + 2 * (3 * 3), 8)
+        >>> packed_windowed_attention(q, kv, kv, query_grids=[(4, 6), (3, 3)],
+        ...     key_grids=[[(4, 6)] * 2, [(3, 3)] * 2], window=3).shape
+        torch.Size([1, 2, 33, 8])
+    """
+    AttentionInputs(q, k, v, None, dropout_p, scale).validate()
+    if isinstance(query_grids, Tensor) or not isinstance(query_grids, Sequence) or len(query_grids) == 0:
+        raise TypeError(f"packed_windowed_attention: query_grids expected a non-empty sequence of (H, W) pairs, "
+                        f"got {query_grids!r}")
+    if isinstance(key_grids, Tensor) or not isinstance(key_grids, Sequence) or len(key_grids) != len(query_grids):
+        raise ValueError(f"packed_windowed_attention: key_grids expected one list of level grids per image "
+                         f"({len(query_grids)}), got {key_grids!r}")
+    checked = [_check_grids("packed_windowed_attention", qg, kg) for qg, kg in zip(query_grids, key_grids)]
+    levels = {len(kg) for _, kg in checked}
+    if len(levels) != 1:
+        raise ValueError(f"packed_windowed_attention: every image needs the same number of key levels, got "
+                         f"{[len(kg) for _, kg in checked]}")
+    windows = {resolve_windows("packed_windowed_attention", window, kg) for _, kg in checked}.pop()
+    tile = default_tile(windows) if tile is None else check_positive_int("packed_windowed_attention", "tile", tile)
+    num_queries = sum(h * w for (h, w), _ in checked)
+    num_keys = sum(h * w for _, kg in checked for h, w in kg)
+    if q.shape[2] != num_queries or k.shape[2] != num_keys:
+        raise ValueError(
+            f"packed_windowed_attention: the grids cover {num_queries} query and {num_keys} key tokens but "
+            f"q has {q.shape[2]} and k {k.shape[2]} (q={tuple(q.shape)}, k={tuple(k.shape)})"
+        )
+    b = q.shape[0]
+    qgrids = tuple(g for g, _ in checked)
+    kgrids = tuple(tuple(kg) for _, kg in checked)
+    plan = _packed_tile_plan.__wrapped__ if torch.compiler.is_compiling() else _packed_tile_plan
+    query_index, key_index, mask, output_index = plan(qgrids, kgrids, windows, tile, q.device, q.dtype)
+    num_tiles = mask.shape[0]
+    q_tiles, k_tiles, v_tiles = (
+        rearrange(t.permute(2, 0, 1, 3).index_select(0, index), "(t n) b h d -> t (b h) n d", t=num_tiles)
+        for t, index in ((q, query_index), (k, key_index), (v, key_index))
+    )
+    tiled = AttentionInputs(q_tiles, k_tiles, v_tiles, mask[:, None], dropout_p, scale)
+    out = apply_backend(select_backend(tiled, backend), tiled)
     out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b, h=q.shape[1])
     return out.index_select(1, output_index).transpose(1, 2)
