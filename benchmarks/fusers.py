@@ -9,8 +9,9 @@ Cases live in ``benchmarks/cases/`` (one module per fuser family). Default scale
     python benchmarks/fusers.py --only mmfuser_ --autocast bfloat16   # float32 modules under autocast
 
 ``mmfuser_block`` (layerfuse's MMFuser alone) is compared with ``mmfuser_authors`` (the authors'
-module with per-level ``grid_sample`` sampling, same weights and inputs) in the same run; every
-other row with LLaVA-1.5's projector on one layer.
+module with per-level ``grid_sample`` sampling, same weights and inputs) in the same run, and
+``mmfuser_packed`` (3 images of different sizes in one call) with ``mmfuser_packed_loop`` (one call
+per image); every other row with LLaVA-1.5's projector on one layer.
 """
 
 from __future__ import annotations
@@ -81,7 +82,7 @@ def paired_ratios(results):
 
 
 # Rows compared with another row than the projector baseline.
-RATIO_BASELINES = {"mmfuser_block": "mmfuser_authors"}
+RATIO_BASELINES = {"mmfuser_block": "mmfuser_authors", "mmfuser_packed": "mmfuser_packed_loop"}
 
 
 def run_cases(cases, device, dtype, autocast, settings, quick, warmup, repeats):

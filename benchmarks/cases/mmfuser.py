@@ -6,6 +6,10 @@ their ``MSCrossAttnBlock`` and Deformable-DETR's ``MSDeformAttn`` with its pure-
 (one ``grid_sample`` per level), written here with their module structure, dtype casts and tensor
 layout, and loaded with the same weights. ``benchmarks/fusers.py`` reports the block's speed-up over
 the authors' module.
+
+Two more cases fuse a packed batch of 3 images of different sizes (the grids of a Qwen2.5-VL tower,
+patch 14 after its 2x2 merge, on 224x336, 336x336 and 448x280 px): ``mmfuser_packed`` in one call
+(images padded to one map with a padding mask), ``mmfuser_packed_loop`` with one call per image.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from layerfuse import FusionProjector, MMFuser, Projector
+from layerfuse import FusionProjector, LayerFeatures, MMFuser, Projector
 
 from . import FuserCase, llava_features
 
@@ -177,8 +181,41 @@ def build_authors(device: torch.device, dtype: torch.dtype, quick: bool) -> tupl
     return StackedInput(block), features, {}
 
 
+# Three images of different sizes, as a variable-resolution tower packs them.
+PACKED_GRIDS = ((16, 24), (24, 24), (32, 20))
+PACKED_GRIDS_QUICK = ((4, 5), (3, 6), (5, 3))
+
+
+class PackedCall(nn.Module):
+    """The fuser on the packed batch (features: per layer (sum N_i, C)); one call, or one per image."""
+
+    def __init__(self, fuser: MMFuser, grids: tuple[tuple[int, int], ...], *, per_image: bool) -> None:
+        super().__init__()
+        self.fuser, self.grids, self.per_image = fuser, grids, per_image
+
+    def forward(self, features: list[Tensor]) -> Tensor:
+        packed = LayerFeatures(list(features), grids=self.grids)
+        if not self.per_image:
+            return self.fuser(packed)
+        return torch.cat([self.fuser(image)[0] for image in packed.per_image()])
+
+
+def _build_packed(per_image: bool):
+    def build_case(device: torch.device, dtype: torch.dtype, quick: bool):
+        grids = PACKED_GRIDS_QUICK if quick else PACKED_GRIDS
+        dim = 32 if quick else 1024
+        tokens = sum(h * w for h, w in grids)
+        features = [torch.randn(tokens, dim, device=device, dtype=dtype) for _ in LAYERS]
+        fuser = MMFuser(dim, num_levels=len(LAYERS) - 1, heads=4 if quick else 16, points=4, device=device, dtype=dtype)
+        return PackedCall(_trained(fuser), grids, per_image=per_image), features, {}
+
+    return build_case
+
+
 CASES = [
     FuserCase("mmfuser", build),
     FuserCase("mmfuser_block", build_block),
     FuserCase("mmfuser_authors", build_authors),
+    FuserCase("mmfuser_packed", _build_packed(per_image=False)),
+    FuserCase("mmfuser_packed_loop", _build_packed(per_image=True)),
 ]

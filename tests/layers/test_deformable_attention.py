@@ -159,3 +159,29 @@ def test_bad_forward_inputs():
         attn(q, ref, v[:1], [(2, 3), (1, 2)])
     with pytest.raises(TypeError, match=where + r"spatial_shapes expected a sequence"):
         attn(q, ref, v, torch.tensor([[2, 3], [1, 2]]))
+
+
+def test_padding_mask_zeroes_the_padded_values():
+    torch.manual_seed(0)
+    attn = MultiScaleDeformableAttention(8, num_levels=1, heads=2, points=2, dtype=torch.float64)
+    value = torch.randn(1, 12, 8, dtype=torch.float64)
+    query = torch.randn(1, 12, 8, dtype=torch.float64)
+    points = reference_points((3, 4)).double()[None]
+    mask = torch.zeros(1, 12, dtype=torch.bool)
+    mask[0, 3::4] = True  # the last column is padding
+    changed = value.clone()
+    changed[mask] = 1e3  # whatever the padding holds, the masked call reads zeros there
+    a = attn(query, points, value, [(3, 4)], padding_mask=mask)
+    b = attn(query, points, changed, [(3, 4)], padding_mask=mask)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.allclose(a, attn(query, points, value, [(3, 4)]))
+
+
+def test_padding_mask_is_checked():
+    attn = MultiScaleDeformableAttention(8, num_levels=1, heads=2, points=2)
+    value = torch.randn(1, 12, 8)
+    args = (torch.randn(1, 12, 8), reference_points((3, 4)), value, [(3, 4)])
+    with pytest.raises(TypeError, match=r"padding_mask expected a bool tensor \(B, S\), got torch.float32"):
+        attn(*args, padding_mask=torch.zeros(1, 12))
+    with pytest.raises(ValueError, match=r"padding_mask expected shape \(1, 12\) \(B, S of value\) on cpu, got \(1, 11\)"):
+        attn(*args, padding_mask=torch.zeros(1, 11, dtype=torch.bool))

@@ -5,7 +5,7 @@ A variable-resolution tower (Qwen2-VL, Pixtral, SigLIP2 NaFlex, ...) tapped by
 one (sum N_i, C) tensor, image after image in raster order, with the per-image grids in
 ``features.grids``. Token-wise fusers work on the packed sequence directly. Fusers that look at the
 2-D layout (deformable sampling, windows, 2-D pooling) or mix tokens within an image fuse the whole
-batch in one call too: [`PackedLayout`][layerfuse.fusers.packed.PackedLayout] pads every image to
+batch in one call too: `PackedLayout` pads every image to
 the largest grid (with a mask of the real tokens) and takes the result back, so each image gives
 exactly what one call on that image alone gives.
 """

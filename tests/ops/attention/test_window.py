@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from layerfuse.ops.attention import attention, window_mask, windowed_attention
+from layerfuse.ops.attention import attention, packed_windowed_attention, window_mask, windowed_attention
 from layerfuse.ops.attention.window import window_starts
 
 
@@ -128,3 +128,39 @@ def test_bad_arguments_raise_clear_errors(kwargs, error, message):
     args = {"query_grid": (4, 5), "key_grids": [(4, 5), (5, 4)], "window": 3, **kwargs}
     with pytest.raises(error, match=message):
         windowed_attention(q, k, k, **args)
+
+
+def test_packed_windowed_attention_equals_one_call_per_image():
+    g = torch.Generator().manual_seed(0)
+    grids = [(5, 7), (3, 3), (8, 4)]
+    levels = 2
+    q_parts = [torch.randn(2, 3, h * w, 8, generator=g, dtype=torch.float64) for h, w in grids]
+    k_parts = [torch.randn(2, 3, levels * h * w, 8, generator=g, dtype=torch.float64) for h, w in grids]
+    v_parts = [torch.randn(2, 3, levels * h * w, 8, generator=g, dtype=torch.float64) for h, w in grids]
+    q, k, v = (torch.cat(parts, dim=2).requires_grad_() for parts in (q_parts, k_parts, v_parts))
+    out = packed_windowed_attention(q, k, v, query_grids=grids, key_grids=[[gr] * levels for gr in grids],
+                                    window=[3, 2])
+    qs, ks, vs = (t.split(sizes, dim=2) for t, sizes in (
+        (q, [h * w for h, w in grids]), (k, [levels * h * w for h, w in grids]), (v, [levels * h * w for h, w in grids])))
+    expected = torch.cat([
+        windowed_attention(qi, ki, vi, query_grid=gr, key_grids=[gr] * levels, window=[3, 2])
+        for qi, ki, vi, gr in zip(qs, ks, vs, grids)
+    ], dim=2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+    weight = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grads = torch.autograd.grad((out * weight).sum(), (q, k, v))
+    expected_grads = torch.autograd.grad((expected * weight).sum(), (q, k, v))
+    for a, b in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_packed_windowed_attention_checks_its_grids():
+    q = torch.randn(1, 2, 4 + 9, 8)
+    with pytest.raises(ValueError, match=r"the grids cover 13 query and 26 key tokens but q has 13 and k 20"):
+        packed_windowed_attention(q, q[:, :, :10].repeat(1, 1, 2, 1), q[:, :, :10].repeat(1, 1, 2, 1),
+                                  query_grids=[(2, 2), (3, 3)], key_grids=[[(2, 2)] * 2, [(3, 3)] * 2], window=2)
+    with pytest.raises(ValueError, match=r"every image needs the same number of key levels, got \[1, 2\]"):
+        packed_windowed_attention(q, q, q, query_grids=[(2, 2), (3, 3)], key_grids=[[(2, 2)], [(3, 3)] * 2],
+                                  window=2)
+    with pytest.raises(ValueError, match=r"window 3 does not fit key level 0 with grid \(2, 2\)"):
+        packed_windowed_attention(q, q, q, query_grids=[(2, 2), (3, 3)], key_grids=[[(2, 2)], [(3, 3)]], window=3)

@@ -341,7 +341,7 @@ def packed_windowed_attention(
         dropout_p: attention dropout probability (applied whenever > 0).
         scale: factor on q·kᵀ. Default: ``D ** -0.5``.
         backend: attention backend, as in [`attention`][layerfuse.ops.attention.attention].
-        tile: largest query tile side; changes speed and memory only. Default: [`default_tile`][layerfuse.ops.attention.window.default_tile].
+        tile: largest query tile side; changes speed and memory only. Default: `default_tile`.
 
     Returns:
         (B, H, sum Hq_i·Wq_i, Dv).
