@@ -16,7 +16,7 @@ from layerfuse.fusers import (
 )
 
 C = 16
-# Two images share a grid (fused in one batched call), two have grids of their own.
+# Two images share a grid, two have grids of their own.
 GRIDS = [(4, 6), (2, 4), (4, 6), (6, 4)]
 
 

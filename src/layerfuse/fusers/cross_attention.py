@@ -206,6 +206,9 @@ class CrossAttentionFuser(DeepQueryFuser):
             features: ``num_levels + 1`` tensors (B, N_i, C): the key/value levels in order, with the
                 query at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
                 :class:`~layerfuse.LayerTap` carries its grid.
+                A packed ``LayerFeatures`` (per layer (sum N_i, C), per-image ``grids``) is fused in
+                one attention call per block (a key-padding mask, or one batch of every image's
+                windows) and gives (sum N_i, C), equal to one call per image.
             grid: (H, W) of the query tokens, and of every level unless ``level_grids`` is given.
                 Default: ``features.grid``, else the grid the module was built with. Needed for
                 ``window`` and ``pos_embed``; without both, token counts are free.

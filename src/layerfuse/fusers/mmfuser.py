@@ -155,6 +155,9 @@ class MMFuser(DeepQueryFuser):
             features: ``num_levels + 1`` tensors (B, N_i, C): the value levels in order, with the query
                 at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
                 :class:`~layerfuse.LayerTap` carries its grid.
+                A packed ``LayerFeatures`` (per layer (sum N_i, C), per-image ``grids``) is fused in
+                one call, padded to the largest grid with a padding mask (Deformable DETR's batching),
+                and gives (sum N_i, C), equal to one call per image.
             grid: (H, W) of the query tokens, and of every value level unless ``level_grids`` is given.
                 Default: ``features.grid``, else the grid the module was built with.
             level_grids: one (H_l, W_l) per value level, in feature order, when the levels have

@@ -150,6 +150,8 @@ class TokenConcatFuser(Fuser):
 
         Args:
             features: `num_inputs` tensors (B, N, C), the base layer first.
+                A packed `LayerFeatures` (per layer (sum N_i, C), per-image `grids`) is pooled in one
+                pass, windows inside each image, and gives per image its base then pooled tokens.
             grid: (H, W) of the patch tokens: used (and required, unless the features or the module
                 carry one) by `pool="2d"`; accepted by `pool="1d"` when it fits the tokens.
             level_grids: accepted when every entry equals the tokens' grid (see [`Fuser`][layerfuse.Fuser]).
