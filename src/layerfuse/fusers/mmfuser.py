@@ -156,8 +156,8 @@ class MMFuser(DeepQueryFuser):
                 at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
                 :class:`~layerfuse.LayerTap` carries its grid.
                 A packed ``LayerFeatures`` (per layer (sum N_i, C), per-image ``grids``) is fused in
-                one call, padded to the largest grid with a padding mask (Deformable DETR's batching),
-                and gives (sum N_i, C), equal to one call per image.
+                one call (one zero-padded map for the sampling, Deformable DETR's batching) and gives
+                (sum N_i, C), equal to one call per image.
             grid: (H, W) of the query tokens, and of every value level unless ``level_grids`` is given.
                 Default: ``features.grid``, else the grid the module was built with.
             level_grids: one (H_l, W_l) per value level, in feature order, when the levels have
@@ -173,7 +173,7 @@ class MMFuser(DeepQueryFuser):
                 the token counts.
         """
         where = "MMFuser.forward"
-        if is_packed(features):  # images of different sizes: one padded, masked batch
+        if is_packed(features):  # images of different sizes: one call, sampling from one padded map
             return self._forward_packed(where, features, grid, level_grids, text)
         self._call_args(where, features, grid, text)
         check_module_inputs(where, self, features=features)
@@ -190,12 +190,14 @@ class MMFuser(DeepQueryFuser):
     ) -> Tensor:
         """A packed batch in one call, as Deformable DETR batches images of different sizes.
 
-        Every layer of image i has the image's grid (h_i, w_i). Each image is padded to the largest
-        (H, W), the padded value tokens are zeroed after ``value_proj`` (``padding_mask``), and each
-        image's reference points are scaled by its valid ratios (w_i / W, h_i / H) while the offsets
-        are divided by the padded (W, H). A sample then sits at ``(r + Δ / w_i) · w_i / W`` of the
-        padded map, the same pixel as ``r + Δ / w_i`` of the image's own map, and what falls outside
-        the image reads zeros in both; so every image gets what a call on it alone gives.
+        Every layer of image i has the image's grid (h_i, w_i). The linear maps and norms are
+        token-wise and run on the packed tokens; only the sampling sees a padded batch. Each image's
+        projected values go into a zero map of the largest (H, W) (Deformable DETR zeroes its padded
+        values the same way), its queries are padded to the largest token count, and its reference
+        points are scaled by its valid ratios (w_i / W, h_i / H) while the offsets are divided by the
+        padded (W, H). A sample then sits at ``(r + Δ / w_i) · w_i / W`` of the padded map, the same
+        pixel as ``r + Δ / w_i`` of the image's own map, and what falls outside the image reads
+        zeros in both; so every image gets what a call on it alone gives.
         """
         check_packed_call(where, features, grid, level_grids)
         self._call_args(where, features, None, text)
@@ -211,7 +213,6 @@ class MMFuser(DeepQueryFuser):
         levels = [t for i, t in enumerate(layers) if i != self._query_pos]
         layout = PackedLayout(features.grids, device=query.device)
         size = (layout.height, layout.width)
-        keep = layout.keep(spatial=True)
         work = torch.promote_types(query.dtype, torch.float32)
         # Each image's token centres on its own grid, in float32 exactly as reference_points() gives
         # them, then moved onto the padded map (Deformable DETR's valid ratios).
@@ -219,12 +220,16 @@ class MMFuser(DeepQueryFuser):
                            (layout.row.float() + 0.5) / layout.image_heights[layout.image].float()], dim=-1)
         ratios = torch.stack([layout.image_widths[layout.image].to(work) / layout.width,
                               layout.image_heights[layout.image].to(work) / layout.height], dim=-1)
-        points = layout.pad(own.to(work) * ratios, spatial=True)
-        query = layout.pad(query, spatial=True)
-        value = self.feat_norm(torch.cat([layout.pad(t, spatial=True) for t in levels], dim=1))
-        cross = self.cross_attn(self.query_norm(query), points, value, [size] * self.num_levels,
-                                padding_mask=(~keep).repeat(1, self.num_levels))
+        points = layout.pad(own.to(work) * ratios, spatial=False)
+
+        def attend(attn: MultiScaleDeformableAttention, q: Tensor, values: list[Tensor]) -> Tensor:
+            projected = attn.value_proj(torch.cat(values, dim=0)).split(layout.total)
+            padded = torch.cat([layout.pad(v, spatial=True) for v in projected], dim=1)
+            sampled = attn.sample(layout.pad(q, spatial=False), points, padded, [size] * len(values))
+            return attn.output_proj(layout.unpad(sampled, spatial=False))
+
+        value = self.feat_norm(torch.cat(levels, dim=0)).split(layout.total)
+        cross = attend(self.cross_attn, self.query_norm(query), list(value))
         refined = self.norm1(cross)
-        refined = self.self_attn(refined, points, refined, [size], padding_mask=~keep)
-        out = query + self.gamma1 * (cross + self.gamma2 * refined)
-        return layout.unpad(out, spatial=True)
+        refined = attend(self.self_attn, refined, [refined])
+        return query + self.gamma1 * (cross + self.gamma2 * refined)

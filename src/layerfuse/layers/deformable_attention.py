@@ -224,12 +224,31 @@ class MultiScaleDeformableAttention(nn.Module):
                     f"{where}: padding_mask expected shape {tuple(value.shape[:2])} (B, S of value) on "
                     f"{value.device}, got {tuple(padding_mask.shape)} on {padding_mask.device}"
                 )
-        m, lv, p = self.heads, self.num_levels, self.points
-
         v = self.value_proj(value)
         if padding_mask is not None:
             v = v.masked_fill(padding_mask[..., None], 0.0)
-        v = rearrange(v, "b s (m d) -> b s m d", m=m)
+        return self.output_proj(self.sample(query, reference_points, v, shapes))
+
+    def sample(
+        self, query: Tensor, reference_points: Tensor, projected_value: Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> Tensor:
+        """The attention between the two projections: ``forward`` without ``value_proj`` and ``output_proj``.
+
+        For callers that project values and outputs themselves (e.g. on a packed batch, to skip the
+        padding); inputs are not checked.
+
+        Args:
+            query: (B, Nq, C).
+            reference_points: as in ``forward``.
+            projected_value: (B, S, C), ``value_proj`` of the values, zero where padded.
+            spatial_shapes: L pairs (H_l, W_l) of python ints.
+
+        Returns:
+            (B, Nq, C), the heads' weighted samples, concatenated (before ``output_proj``).
+        """
+        m, lv, p = self.heads, self.num_levels, self.points
+        shapes = spatial_shapes
+        v = rearrange(projected_value, "b s (m d) -> b s m d", m=m)
         offsets = rearrange(self.sampling_offsets(query), "b q (m l p xy) -> b q m l p xy", m=m, l=lv, p=p)
         logits = rearrange(self.attention_weights(query), "b q (m lp) -> b q m lp", m=m)
 
@@ -249,5 +268,4 @@ class MultiScaleDeformableAttention(nn.Module):
         # promoted by the addition, which is what the authors' float64 results were computed with.
         loc = ref + offsets.to(work) / size[:, None, :]
 
-        out = ms_deform_attn(v, shapes, loc, weights, backend=self.backend)
-        return self.output_proj(out)
+        return ms_deform_attn(v, shapes, loc, weights, backend=self.backend)
