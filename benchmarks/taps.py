@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from harness import base_parser, devices_from, measure, print_table, write_json
+from harness import base_parser, devices_from, measure, measure_interleaved, print_table, write_json
 from layerfuse import LayerTap
 
 LAYERS = (3, 8, 13, 18, -2)  # hidden-state indices (0 = embedding output); MMFuser's set on 24 blocks
@@ -154,10 +154,10 @@ def main() -> None:
             del model
         if args.only in (None, "packed"):
             settings = {"model": "qwen2.5-vl vision", "images": len(PACKED_SIZES), "layers": "8,16,24,-2"}
+            # Timed in turns (tap, library, tap, ...): both see the same drifting load of a shared machine.
             with torch.inference_mode():
-                for case, fn in packed_cases(args.quick, device, dtype).items():
-                    results.append(measure(fn, case=case, device=device, dtype=dtype, mode="inference",
-                                           warmup=warmup, repeats=repeats, settings=settings))
+                results += measure_interleaved(packed_cases(args.quick, device, dtype), device=device, dtype=dtype,
+                                               mode="inference", warmup=warmup, repeats=repeats, settings=settings)
     print_table(results, title="hidden-state extraction, ViT-L/14-336 shape, median over repeats; "
                 "peak = extra memory of one call; ratios against the truncated forward",
                 baseline=lambda r: ("hf output_hidden_states + select" if r.settings.get("images") else

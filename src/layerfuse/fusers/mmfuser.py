@@ -222,14 +222,13 @@ class MMFuser(DeepQueryFuser):
                               layout.image_heights[layout.image].to(work) / layout.height], dim=-1)
         points = layout.pad(own.to(work) * ratios, spatial=False)
 
-        def attend(attn: MultiScaleDeformableAttention, q: Tensor, values: list[Tensor]) -> Tensor:
-            projected = attn.value_proj(torch.cat(values, dim=0)).split(layout.total)
-            padded = torch.cat([layout.pad(v, spatial=True) for v in projected], dim=1)
-            sampled = attn.sample(layout.pad(q, spatial=False), points, padded, [size] * len(values))
+        def attend(attn: MultiScaleDeformableAttention, q: Tensor, value: Tensor) -> Tensor:
+            # value: (L · sum N_i, C), level after level
+            padded = layout.pad_levels(attn.value_proj(value), attn.num_levels, spatial=True)
+            sampled = attn.sample(layout.pad(q, spatial=False), points, padded, [size] * attn.num_levels)
             return attn.output_proj(layout.unpad(sampled, spatial=False))
 
-        value = self.feat_norm(torch.cat(levels, dim=0)).split(layout.total)
-        cross = attend(self.cross_attn, self.query_norm(query), list(value))
+        cross = attend(self.cross_attn, self.query_norm(query), self.feat_norm(torch.cat(levels, dim=0)))
         refined = self.norm1(cross)
-        refined = attend(self.self_attn, refined, [refined])
+        refined = attend(self.self_attn, refined, refined)
         return query + self.gamma1 * (cross + self.gamma2 * refined)

@@ -98,8 +98,19 @@ class PackedLayout:
     def pad(self, x: Tensor, *, spatial: bool) -> Tensor:
         """(sum N_i, ...) -> (n, S, ...), zeros at the padding."""
         s = self.length(spatial=spatial)
-        out = x.new_zeros(self.num_images * s, *x.shape[1:]).index_copy(0, self._index[spatial], x)
+        out = x.new_zeros(self.num_images * s, *x.shape[1:]).index_copy_(0, self._index[spatial], x)
         return out.view(self.num_images, s, *x.shape[1:])
+
+    def pad_levels(self, x: Tensor, num_levels: int, *, spatial: bool) -> Tensor:
+        """(L · sum N_i, ...) levels one after another -> (n, L · S, ...), each image's levels padded in turn.
+
+        One copy instead of a padded tensor per level and their concatenation.
+        """
+        s = self.length(spatial=spatial)
+        level = torch.arange(num_levels, device=self.image.device)[:, None]
+        index = (self._index[spatial] + self.image * (num_levels - 1) * s)[None, :] + level * s
+        out = x.new_zeros(self.num_images * num_levels * s, *x.shape[1:]).index_copy_(0, index.flatten(), x)
+        return out.view(self.num_images, num_levels * s, *x.shape[1:])
 
     def unpad(self, y: Tensor, *, spatial: bool) -> Tensor:
         """(n, S, ...) -> (sum N_i, ...): the real tokens, image after image."""
@@ -115,7 +126,7 @@ class PackedLayout:
         image_start = self.starts[self.image] * num + self.local
         dest = image_start[None, :] + torch.arange(num, device=self.image.device)[:, None] * self.image_sizes[self.image]
         stacked = torch.cat(list(levels), dim=0)
-        return stacked.new_empty(stacked.shape).index_copy(0, dest.flatten(), stacked)
+        return stacked.new_empty(stacked.shape).index_copy_(0, dest.flatten(), stacked)
 
     def keep(self, *, spatial: bool) -> Tensor:
         """(n, S) bool, True at real tokens and False at the padding."""

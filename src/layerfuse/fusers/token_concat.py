@@ -239,7 +239,7 @@ class TokenConcatFuser(Fuser):
         for m in range(extra):
             dest.append(out_start[image] + layout.image_sizes[image] + m * sizes[image] + k)
         rows_in = torch.cat([layers[0], *pooled], dim=0)
-        return rows_in.new_empty(rows_in.shape).index_copy(0, torch.cat(dest), rows_in)
+        return rows_in.new_empty(rows_in.shape).index_copy_(0, torch.cat(dest), rows_in)
 
     def get_config(self) -> dict[str, Any]:
         return {
