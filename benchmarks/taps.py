@@ -9,7 +9,7 @@ tapped block (the floor any early-stopping tap can reach); ``LayerTap`` of MMFus
 Packed row: a Qwen2.5-VL-shaped vision tower (32 blocks of width 1280, windowed and full-attention
 blocks, patch 14, 2x2 merge) on 3 images of different sizes packed into one sequence: ``LayerTap``
 of layers [8, 16, 24, -2] (per-image raster-order features) against the tower's own forward with
-``output_hidden_states=True`` then selecting those layers (still in window order).
+``output_hidden_states=True`` then selecting those layers (still in window order), timed in turns.
 
     python benchmarks/taps.py --repeats 3     # CPU, plus CUDA when present
     python benchmarks/taps.py --only packed   # the packed row only
