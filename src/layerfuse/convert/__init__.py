@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ..fusers.pipeline import FusionProjector
 from .state_dict import load_checkpoint_file, select_prefixed, target_dtype
@@ -27,10 +27,11 @@ CONVERTERS: dict[str, str] = {
     "lin_em": "layerfuse.convert.lin_em:convert_lin_em",
     "mmfuser": "layerfuse.convert.mmfuser:convert_mmfuser",
     "igva": "layerfuse.convert.igva:convert_igva",
+    "lin_internal": "layerfuse.convert.lin_internal:convert_lin_internal",
 }
 
 
-def _converter(method: str) -> Callable[..., FusionProjector]:
+def _converter(method: str) -> Callable[..., FusionProjector | nn.Module]:
     if not isinstance(method, str) or method not in CONVERTERS:
         raise ValueError(
             f"from_official: method expected one of {', '.join(repr(m) for m in CONVERTERS)}, got {method!r}"
@@ -45,11 +46,12 @@ def from_official(
     *,
     dtype: torch.dtype | None = None,
     **options: Any,
-) -> FusionProjector:
+) -> FusionProjector | nn.Module:
     """Build the layerfuse module equivalent to an authors' checkpoint and load its weights.
 
     Args:
-        method: ``"dense_connector"``, ``"lin_ed"``, ``"lin_em"``, ``"mmfuser"`` or ``"igva"``.
+        method: ``"dense_connector"``, ``"lin_ed"``, ``"lin_em"``, ``"mmfuser"``, ``"igva"`` or
+            ``"lin_internal"`` (Lin et al.'s I_D / I_M, which returns an internal fusion module).
         state_dict: a state dict with any key prefix (``model.mm_projector.``,
             ``base_model.model.model.mm_projector.``, ...) or the path of a ``.bin``/``.safetensors``
             file (``mm_projector.bin``, ``non_lora_trainables.bin``, ...).
@@ -58,7 +60,8 @@ def from_official(
             documented on ``layerfuse.convert.<method>.convert_<method>``.
 
     Returns:
-        A :class:`~layerfuse.fusers.pipeline.FusionProjector` exposing ``layers`` and ``tokens``.
+        A :class:`~layerfuse.fusers.pipeline.FusionProjector` exposing ``layers`` and ``tokens``; for
+        ``"lin_internal"`` an ``InternalDirect`` / ``InternalModular`` to attach to the LLM.
 
     Raises:
         ValueError: unknown method or options, or keys that do not fit (all missing and unexpected keys
