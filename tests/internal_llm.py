@@ -35,3 +35,25 @@ def rmsnorm_in_input_dtype(llm: nn.Module) -> None:
 
 def state_digest(module: nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+IMAGE_ID = 63
+
+
+def left_padded_batch(dtype: torch.dtype = torch.float32, *, hidden: int = 32):
+    """Three samples with 0, 1 and 2 images (4 and 4 + 6 image tokens), left-padded with id 0.
+
+    Returns input_ids (3, L), attention_mask (3, L), image_token_mask (3, L).
+    """
+    image = [IMAGE_ID] * 4
+    rows = [[1, 2, 3, 4, 5], [1, *image, 2, 3], [1, *image, 2, *([IMAGE_ID] * 6), 3]]
+    length = max(map(len, rows))
+    ids = torch.tensor([[0] * (length - len(r)) + r for r in rows])
+    attention_mask = torch.tensor([[0] * (length - len(r)) + [1] * len(r) for r in rows])
+    return ids, attention_mask, ids == IMAGE_ID
+
+
+def levels_for(mask: Tensor, count: int, width: int = 16, *, dtype: torch.dtype = torch.float32,
+               per_token: int = 1) -> list[Tensor]:
+    total = int(mask.sum()) * per_token
+    return [torch.randn(total, width, dtype=dtype) for _ in range(count)]
