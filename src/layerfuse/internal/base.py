@@ -101,7 +101,7 @@ class _Inputs:
     token_index: Tensor  # (T,) sequence position of each image token
     slot_index: Tensor  # (T,) rank of the image token within its sample
     counts: list[int]  # image tokens per sample
-    projected: dict[int, Tensor] = field(default_factory=dict)  # per level, reused while no grad is taken
+    projected: dict[int, Tensor] = field(default_factory=dict)  # per level, reused by cached decoding steps
 
 
 @dataclass
@@ -371,17 +371,21 @@ class InternalFusion(PretrainedMixin, nn.Module):
         self._call = _Call(inputs, prefill, past_len, attention_mask)
 
     def _projected(self, level: int) -> Tensor:
-        """Level ``level`` projected to the LLM width for the current call (cached when no grad is taken,
-        so cached decoding does not re-project at every step)."""
+        """Level ``level`` projected to the LLM width for the current call. A cached decoding step without
+        gradients reuses the projection of its prefill (I_M reads the features at every step); every
+        prefill projects afresh, so changed parameters are always seen."""
         call = self._call
         assert call is not None
         assert call.inputs is not None
         cached = call.inputs.projected
-        if not torch.is_grad_enabled() and level in cached:
+        reuse = not torch.is_grad_enabled() and call.past_len > 0
+        if reuse and level in cached:
             return cached[level]
         value = self._project(level, call.inputs.levels[level])
         if not torch.is_grad_enabled():
             cached[level] = value
+        else:
+            cached.pop(level, None)
         return value
 
     def _active_call(self) -> _Call | None:
