@@ -1,0 +1,156 @@
+"""Prefill and training-step cost of internal fusion (I_D, I_M, DeepStack) against the plain LLM.
+
+A random-weight LLaMA-shaped decoder (default 4 layers of width 2048, intermediate 5632, 16 heads) reads
+one image block of 576 tokens plus text; the visual levels are CLIP-L-wide (1024) random features.
+Rows:
+
+- ``plain``: the LLM alone (what a user runs without internal fusion, e.g. LLaVA's input-only splice);
+- ``I_D``: [`InternalDirect`] with Lin et al.'s ``3-18-23`` map (three mlp2x_gelu projectors);
+- ``I_M``: [`InternalModular`] (corrected mode) with the ``18`` map (one gated cross-attention block,
+  as large as a decoder layer) and ``I_M x3`` with three blocks;
+- ``DeepStack``: three 2x2 patch mergers added after decoder layers 0, 1, 2 (Qwen3-VL);
+- ``... projectors``: the fusion's projectors/mergers alone, so that the cost of the injection
+  itself is ``fused - plain - projectors``.
+
+``prefill`` is a no-grad forward of the whole prompt; ``train`` is forward + backward of the LM loss
+with every LLM and fusion parameter trainable (no optimiser step).
+
+    python benchmarks/internal_fusion.py --device cpu --threads 2 --repeats 3
+    python benchmarks/internal_fusion.py --width 1024 --layers 4   # scaled down for a small CPU
+    python benchmarks/internal_fusion.py --quick
+"""
+
+from __future__ import annotations
+
+import torch
+
+from harness import base_parser, devices_from, measure, print_table, write_json
+from layerfuse.internal import DeepStack, InternalDirect, InternalModular, lin_layer_map
+
+
+def build_llm(width: int, layers: int, heads: int, vocab: int, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=width, intermediate_size=int(width * 2.75), num_hidden_layers=layers, num_attention_heads=heads,
+        vocab_size=vocab, max_position_embeddings=4096, tie_word_embeddings=False,
+    )
+    config._attn_implementation = "sdpa"
+    return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, repeats: int):
+    """Every row on one device; returns the results and the parameter counts."""
+    results = []
+    width, image_tokens = args.width, args.image_tokens
+    torch.manual_seed(0)
+    llm = build_llm(width, args.layers, args.heads, args.vocab, device, dtype)
+    length = image_tokens + args.text_tokens
+    ids = torch.randint(1, args.vocab, (1, length), device=device)
+    mask = torch.zeros(1, length, dtype=torch.bool, device=device)
+    mask[:, args.text_tokens // 2: args.text_tokens // 2 + image_tokens] = True
+    dd = {"device": device, "dtype": dtype}
+    fusions = {
+        "I_D": InternalDirect(args.vit_width, width, lin_layer_map("3-18-23", args.layers), **dd),
+        "I_M": InternalModular(args.vit_width, width, lin_layer_map("18", args.layers), num_heads=args.heads,
+                               intermediate_size=int(width * 2.75), **dd),
+        "I_M x3": InternalModular(args.vit_width, width, lin_layer_map("3-18-23", args.layers),
+                                  num_heads=args.heads, intermediate_size=int(width * 2.75), **dd),
+        "DeepStack": DeepStack(args.vit_width, width, num_levels=3, **dd),
+    }
+    settings = {"width": width, "layers": args.layers, "tokens": length, "image_tokens": image_tokens}
+
+    def run(mode: str, fusion=None, levels=None):
+        def prefill():
+            with torch.no_grad():
+                return llm(input_ids=ids).logits
+
+        def train():
+            llm.zero_grad(set_to_none=True)
+            if fusion is not None:
+                fusion.zero_grad(set_to_none=True)
+            loss = llm(input_ids=ids, labels=ids).loss
+            loss.backward()
+            return loss.detach()
+
+        step = prefill if mode == "prefill" else train
+        if fusion is None:
+            return step
+
+        def fused():
+            with fusion.inject(levels, mask):
+                return step()
+
+        return fused
+
+    def projectors_only(mode: str, fusion, levels):
+        modules = fusion.mergers if isinstance(fusion, DeepStack) else fusion.projectors
+
+        def step():
+            with torch.set_grad_enabled(mode == "train"):
+                total = sum(m(x).sum() for m, x in zip(modules, levels))
+            if mode == "train":
+                fusion.zero_grad(set_to_none=True)
+                total.backward()
+            return total.detach()
+
+        return step
+
+    for mode in ("prefill", "train"):
+        results.append(measure(run(mode), case="plain", device=device, dtype=dtype, mode=mode,
+                               warmup=warmup, repeats=repeats, settings=settings))
+        for name, fusion in fusions.items():
+            per_token = 4 if isinstance(fusion, DeepStack) else 1
+            levels = [torch.randn(image_tokens * per_token, args.vit_width, **dd)
+                      for _ in fusion.fused_layers]
+            fusion.attach(llm)
+            results.append(measure(run(mode, fusion, levels), case=name, device=device, dtype=dtype, mode=mode,
+                                   warmup=warmup, repeats=repeats, settings=settings))
+            fusion.detach()
+            results.append(measure(projectors_only(mode, fusion, levels), case=f"{name} projectors",
+                                   device=device, dtype=dtype, mode=mode, warmup=warmup, repeats=repeats,
+                                   settings=settings))
+    params = {name: sum(p.numel() for p in f.parameters()) for name, f in fusions.items()}
+    params["plain LLM"] = sum(p.numel() for p in llm.parameters())
+    return results, params
+
+
+def main() -> None:
+    parser = base_parser(__doc__.splitlines()[0], default_json="internal_fusion.json")
+    parser.add_argument("--width", type=int, default=2048, help="LLM hidden size")
+    parser.add_argument("--layers", type=int, default=4, help="LLM decoder layers")
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--vocab", type=int, default=4096, help="kept small so lm_head does not dominate")
+    parser.add_argument("--image-tokens", type=int, default=576)
+    parser.add_argument("--text-tokens", type=int, default=64)
+    parser.add_argument("--vit-width", type=int, default=1024)
+    parser.add_argument("--dtype", default="float32")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        args.width, args.layers, args.heads, args.vocab, args.image_tokens, args.text_tokens, args.vit_width = (
+            64, 4, 4, 128, 16, 8, 32)
+    repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
+    dtype = getattr(torch, args.dtype)
+    width, image_tokens = args.width, args.image_tokens
+    results = []
+    params: dict[str, int] = {}
+    for device in devices_from(args.device):
+        rows, params = bench_device(device, dtype, args, warmup, repeats)
+        results += rows
+    print_table(results, title=f"internal fusion, LLaMA {args.layers} x {width}, {image_tokens} image tokens, "
+                               f"threads={torch.get_num_threads()}; ratios vs plain",
+                baseline=lambda r: "plain")
+    by = {(r.case, r.mode): r.median_ms for r in results if r.device == results[0].device}
+    print("\ncost of the injection itself: (fused - plain - projectors alone) / plain")
+    for name in [k for k in params if k != "plain LLM"]:
+        for mode in ("prefill", "train"):
+            extra = by[(name, mode)] - by[("plain", mode)] - by[(f"{name} projectors", mode)]
+            print(f"  {name:10s} {mode:8s} {100 * extra / by[('plain', mode)]:+6.1f} %")
+    print("\nparameters:", ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in params.items()))
+    write_json(results, args.json, benchmark="internal_fusion", extra={"parameters": params, **vars(args)})
+
+
+if __name__ == "__main__":
+    main()
