@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -47,6 +49,15 @@ def test_save_and_load_round_trip(tmp_path, index):
     assert loaded.fused_layers == fusion.fused_layers
     state = fusion.state_dict()
     assert all(torch.equal(v, state[k]) for k, v in loaded.state_dict().items())
+    # what a host model's config stores: JSON, rebuilt with fresh parameters of the same shapes
+    rebuilt = InternalFusion.from_fusion_config(json.loads(json.dumps(fusion.fusion_config())))
+    assert type(rebuilt) is type(fusion)
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in state.items()}
+
+
+def test_from_fusion_config_refuses_other_classes():
+    with pytest.raises(ValueError, match="saved expected"):
+        InternalFusion.from_fusion_config({"class": "ConcatFuser", "config": {}})
 
 
 @pytest.mark.parametrize("index", range(4))

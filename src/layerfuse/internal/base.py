@@ -222,6 +222,37 @@ class InternalFusion(PretrainedMixin, nn.Module):
     def _project(self, level: int, features: Tensor) -> Tensor:
         """Level ``level``'s features (tokens, C) mapped to the LLM width: (image tokens, H)."""
 
+    # -- embedding in a host model's config ------------------------------------------------------------
+    def fusion_config(self) -> dict[str, Any]:
+        """``{"class": name, "config": constructor kwargs}``, JSON-serialisable.
+
+        What a host integration (an HF ``PretrainedConfig`` field) stores so that
+        [`from_fusion_config`][layerfuse.internal.InternalFusion.from_fusion_config] rebuilds the module
+        before its weights are loaded; the weights are this module's ``state_dict()`` under whatever
+        attribute name the host registers it (``save_pretrained`` of the host then saves them).
+        """
+        return {"class": type(self).__name__, "config": self.get_config()}
+
+    @staticmethod
+    def from_fusion_config(
+        saved: dict[str, Any], *, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> InternalFusion:
+        """Rebuild (fresh parameters) the fusion described by [`fusion_config`][layerfuse.internal.InternalFusion.fusion_config].
+
+        Raises:
+            ValueError: ``saved`` names no internal-fusion class.
+        """
+        name = saved.get("class") if isinstance(saved, dict) else None
+        target = PretrainedMixin.registry.get(name) if isinstance(name, str) else None
+        if target is None or not issubclass(target, InternalFusion) or target is InternalFusion:
+            known = sorted(n for n, c in PretrainedMixin.registry.items()
+                           if issubclass(c, InternalFusion) and c is not InternalFusion)
+            raise ValueError(
+                f"InternalFusion.from_fusion_config: saved expected {{'class': one of {known}, 'config': {{...}}}}, "
+                f"got {saved!r}"
+            )
+        return target.from_config(saved["config"], device=device, dtype=dtype)
+
     # -- attaching ----------------------------------------------------------------------------------
     @property
     def _attached_to(self) -> nn.Module | None:
