@@ -43,7 +43,7 @@ DECODER_LAYER_PATHS = (
 def find_decoder_layers(llm: nn.Module, *, where: str = "find_decoder_layers") -> tuple[nn.Module, nn.ModuleList]:
     """The text model that runs the decoder layers, and its ``nn.ModuleList`` of decoder layers.
 
-    Duck-typed on attribute paths ([`DECODER_LAYER_PATHS`][layerfuse.internal.base.DECODER_LAYER_PATHS]),
+    Duck-typed on attribute paths (`layerfuse.internal.DECODER_LAYER_PATHS`),
     so transformers is never imported; a PEFT model is unwrapped with ``get_base_model()``.
 
     Args:
