@@ -89,6 +89,7 @@ def test_bf16_model_and_fusion():
     assert logits.dtype == torch.bfloat16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("index", [0, 1])
 def test_torch_compile_of_the_llm(index):
     llm = tiny_llama()
