@@ -253,3 +253,12 @@ def test_lin_layer_map_truncates_toward_zero_like_the_authors():
     assert lin_layer_map("3-18", 4) == (0, 2)  # int(3*4/24 - 1) = int(-0.5) = 0
     assert lin_layer_map("latter", 32) == tuple(range(20, 32))
     assert lin_layer_map("all", 32) == (*range(12), *range(20, 32))
+
+
+def test_importing_layerfuse_internal_does_not_import_transformers():
+    import subprocess
+    import sys
+
+    code = "import sys, layerfuse.internal, layerfuse.convert.lin_internal; print('transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -187,6 +187,25 @@ class InternalFusion(PretrainedMixin, nn.Module):
 
     The fusion parameters are this module's parameters (``fusion.parameters()``); they are not
     registered inside the LLM, so PEFT ``target_modules="all-linear"`` never wraps them.
+
+    Args:
+        fused_layers: decoder-layer index of each feature level.
+        where: the subclass name used in error messages.
+
+    Raises:
+        TypeError: ``fused_layers`` is not a non-empty sequence.
+        ValueError: a negative or non-integer layer index.
+
+    Examples:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from layerfuse.internal import InternalDirect
+        >>> llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        ...                                    num_attention_heads=4, vocab_size=64))
+        >>> keys = list(llm.state_dict())
+        >>> fusion = InternalDirect(16, 32, [1]).attach(llm)
+        >>> list(llm.state_dict()) == keys, fusion.attached
+        (True, True)
+        >>> fusion.detach()
     """
 
     fused_layers: tuple[int, ...]

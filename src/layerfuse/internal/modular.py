@@ -23,7 +23,12 @@ MODES = ("corrected", "authors")
 
 class TanhGate(nn.Module):
     """``tanh(weight) * x`` with a scalar ``weight`` (shape (1,)) initialised to 0, so the gated branch
-    starts closed (Flamingo; Lin et al.'s ``ucross_xattn`` / ``ucross_xmlp``)."""
+    starts closed (Flamingo; Lin et al.'s ``ucross_xattn`` / ``ucross_xmlp``).
+
+    Examples:
+        >>> TanhGate()(torch.ones(2)).tolist()
+        [0.0, 0.0]
+    """
 
     def __init__(self, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
@@ -105,6 +110,27 @@ class GatedCrossAttentionBlock(nn.Module):
 
     Keys: ``attn.{q,k,v,o}_proj.weight``, ``mlp.{gate,up,down}_proj.weight``, ``attn_gate.weight``,
     ``mlp_gate.weight`` and, corrected mode only, ``attn_norm.weight``, ``mlp_norm.weight``.
+
+    Args:
+        hidden_size: LLM width H.
+        num_heads: query heads.
+        num_kv_heads: key/value heads (divides ``num_heads``).
+        head_dim: per-head width.
+        intermediate_size: SwiGLU width.
+        mode: ``"corrected"`` or ``"authors"``.
+        eps: RMSNorm epsilon (corrected mode).
+        device: where to build the parameters.
+        dtype: parameter dtype.
+
+    Shape:
+        - h: (B, Q, H); features: (B, N, H); allowed: (B, Q, N) bool; active: (B,) bool or None;
+          output: (B, Q, H) in h's dtype.
+
+    Examples:
+        >>> block = GatedCrossAttentionBlock(32, 4, 2, 8, 64, mode="corrected", eps=1e-6)
+        >>> h = torch.randn(1, 5, 32)
+        >>> torch.equal(block(h, torch.randn(1, 3, 32), torch.ones(1, 5, 3, dtype=torch.bool)), h)
+        True
     """
 
     def __init__(
