@@ -355,6 +355,14 @@ class InternalFusion(PretrainedMixin, nn.Module):
                 f"{list(self.fused_layers)}), got {len(features)}"
             )
         levels = [_flatten_level(where, i, level) for i, level in enumerate(features)]
+        for i, level in enumerate(levels):
+            if not level.is_floating_point():
+                raise TypeError(f"{where}: features[{i}] expected a floating-point tensor, got {level.dtype}")
+            if level.device != image_token_mask.device:
+                raise ValueError(
+                    f"{where}: features[{i}] is on {level.device}, image_token_mask on {image_token_mask.device}; "
+                    "expected one device"
+                )
         counts = image_token_mask.sum(dim=1)
         total = int(counts.sum())
         for i, level in enumerate(levels):
@@ -370,7 +378,12 @@ class InternalFusion(PretrainedMixin, nn.Module):
         self._inputs = _Inputs(levels, image_token_mask, batch_index, token_index, slot_index, counts.tolist())
 
     def clear_inputs(self) -> None:
-        """Forget the held features; later LLM calls run without injection."""
+        """Forget the held features; later LLM calls run without injection.
+
+        The last LLM call keeps its own reference until the next call or ``detach()``, so a
+        ``backward()`` after the ``inject`` block (gradient checkpointing recomputes inside it) sees the
+        features that call used.
+        """
         self._inputs = None
 
     @contextmanager
