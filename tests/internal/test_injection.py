@@ -264,3 +264,28 @@ def test_importing_layerfuse_internal_does_not_import_transformers():
     code = "import sys, layerfuse.internal, layerfuse.convert.lin_internal; print('transformers' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind", ["direct", "modular", "deepstack"])
+def test_each_sample_sees_only_its_own_images(kind):
+    """Changing the features of sample 2's images changes sample 2 only; sample 0 (no image) is the
+    plain LLM's output exactly."""
+    llm = tiny_llama(dtype=torch.float64)
+    ids, attention_mask, mask = left_padded_batch()
+    fusion = _fusions(torch.float64)[kind]
+    _open(fusion)
+    levels = levels_for(mask, 2, dtype=torch.float64)
+    changed = [level.clone() for level in levels]
+    for level in changed:
+        level[4:] += 1.0  # rows 0..3 are sample 1's image, rows 4..13 sample 2's two images
+    with torch.no_grad():
+        plain = llm(input_ids=ids, attention_mask=attention_mask).logits
+        fusion.attach(llm)
+        with fusion.inject(levels, mask):
+            first = llm(input_ids=ids, attention_mask=attention_mask).logits
+        with fusion.inject(changed, mask):
+            second = llm(input_ids=ids, attention_mask=attention_mask).logits
+    assert torch.equal(first[0], plain[0])
+    assert torch.equal(second[0], plain[0])
+    assert torch.equal(first[1], second[1])
+    assert not torch.allclose(first[2], second[2])
