@@ -13,7 +13,9 @@ Rows:
   itself is ``fused - plain - projectors``.
 
 ``prefill`` is a no-grad forward of the whole prompt; ``train`` is forward + backward of the LM loss
-with every LLM and fusion parameter trainable (no optimiser step).
+with every LLM and fusion parameter trainable (no optimiser step). The cases run interleaved, one
+call each per round, and the median over rounds is reported, so load drift on a shared machine
+affects every row alike.
 
     python benchmarks/internal_fusion.py --device cpu --threads 2 --repeats 3
     python benchmarks/internal_fusion.py --width 1024 --layers 4   # scaled down for a small CPU
@@ -21,6 +23,10 @@ with every LLM and fusion parameter trainable (no optimiser step).
 """
 
 from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
 
 import torch
 
@@ -37,6 +43,42 @@ def build_llm(width: int, layers: int, heads: int, vocab: int, device: torch.dev
     )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
+
+
+def attached(fusion, llm, step):
+    """``step`` with ``fusion`` attached to ``llm`` for its duration (hooks cost microseconds)."""
+
+    def call():
+        fusion.attach(llm)
+        try:
+            return step()
+        finally:
+            fusion.detach()
+
+    return call
+
+
+def interleaved(cases, *, device, dtype, mode, warmup, rounds, settings):
+    """Median time per case over ``rounds`` rounds that run every case once, in turn, so that the load
+    drift of a shared machine hits all cases alike; peak memory from one more measured call each."""
+    for fn in cases.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, fn in cases.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    results = []
+    for name, fn in cases.items():
+        memory = measure(fn, case=name, device=device, dtype=dtype, mode=mode, warmup=0, repeats=1, settings=settings)
+        results.append(replace(memory, median_ms=statistics.median(times[name]), repeats=rounds, times_ms=times[name]))
+    return results
 
 
 def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, repeats: int):
@@ -97,19 +139,14 @@ def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, re
         return step
 
     for mode in ("prefill", "train"):
-        results.append(measure(run(mode), case="plain", device=device, dtype=dtype, mode=mode,
-                               warmup=warmup, repeats=repeats, settings=settings))
+        cases = {"plain": run(mode)}
         for name, fusion in fusions.items():
             per_token = 4 if isinstance(fusion, DeepStack) else 1
-            levels = [torch.randn(image_tokens * per_token, args.vit_width, **dd)
-                      for _ in fusion.fused_layers]
-            fusion.attach(llm)
-            results.append(measure(run(mode, fusion, levels), case=name, device=device, dtype=dtype, mode=mode,
-                                   warmup=warmup, repeats=repeats, settings=settings))
-            fusion.detach()
-            results.append(measure(projectors_only(mode, fusion, levels), case=f"{name} projectors",
-                                   device=device, dtype=dtype, mode=mode, warmup=warmup, repeats=repeats,
-                                   settings=settings))
+            levels = [torch.randn(image_tokens * per_token, args.vit_width, **dd) for _ in fusion.fused_layers]
+            cases[name] = attached(fusion, llm, run(mode, fusion, levels))
+            cases[f"{name} projectors"] = projectors_only(mode, fusion, levels)
+        results += interleaved(cases, device=device, dtype=dtype, mode=mode, warmup=warmup, rounds=repeats,
+                               settings=settings)
     params = {name: sum(p.numel() for p in f.parameters()) for name, f in fusions.items()}
     params["plain LLM"] = sum(p.numel() for p in llm.parameters())
     return results, params
