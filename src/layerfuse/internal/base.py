@@ -412,7 +412,9 @@ class InternalFusion(PretrainedMixin, nn.Module):
             sequence = kwargs.get("input_ids")
         if sequence is None and args:
             sequence = args[0]
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        cache = kwargs.get("cache")
+        if cache is None:  # transformers before 5.x names it past_key_values
+            cache = kwargs.get("past_key_values")
         past_len = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         attention_mask = kwargs.get("attention_mask")
         if not (isinstance(attention_mask, Tensor) and attention_mask.ndim == 2):
