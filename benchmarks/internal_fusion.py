@@ -29,6 +29,7 @@ import time
 from dataclasses import replace
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from harness import base_parser, devices_from, measure, print_table, write_json
 from layerfuse.internal import DeepStack, InternalDirect, InternalModular, lin_layer_map
@@ -58,9 +59,10 @@ def attached(fusion, llm, step):
     return call
 
 
-def interleaved(cases, *, device, dtype, mode, warmup, rounds, settings):
+def interleaved(cases, *, device, dtype, mode, warmup, rounds, settings, flops):
     """Median time per case over ``rounds`` rounds that run every case once, in turn, so that the load
-    drift of a shared machine hits all cases alike; peak memory from one more measured call each."""
+    drift of a shared machine hits all cases alike; peak memory and FLOPs (torch's FlopCounterMode,
+    matmuls and attention) from one more call each, written into ``flops[(case, mode)]``."""
     for fn in cases.values():
         for _ in range(warmup):
             fn()
@@ -76,12 +78,15 @@ def interleaved(cases, *, device, dtype, mode, warmup, rounds, settings):
             times[name].append((time.perf_counter() - start) * 1e3)
     results = []
     for name, fn in cases.items():
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        flops[(name, mode)] = counter.get_total_flops()
         memory = measure(fn, case=name, device=device, dtype=dtype, mode=mode, warmup=0, repeats=1, settings=settings)
         results.append(replace(memory, median_ms=statistics.median(times[name]), repeats=rounds, times_ms=times[name]))
     return results
 
 
-def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, repeats: int):
+def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, repeats: int, flops: dict):
     """Every row on one device; returns the results and the parameter counts."""
     results = []
     width, image_tokens = args.width, args.image_tokens
@@ -146,7 +151,7 @@ def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, re
             cases[name] = attached(fusion, llm, run(mode, fusion, levels))
             cases[f"{name} projectors"] = projectors_only(mode, fusion, levels)
         results += interleaved(cases, device=device, dtype=dtype, mode=mode, warmup=warmup, rounds=repeats,
-                               settings=settings)
+                               settings=settings, flops=flops)
     params = {name: sum(p.numel() for p in f.parameters()) for name, f in fusions.items()}
     params["plain LLM"] = sum(p.numel() for p in llm.parameters())
     return results, params
@@ -173,20 +178,28 @@ def main() -> None:
     width, image_tokens = args.width, args.image_tokens
     results = []
     params: dict[str, int] = {}
+    flops: dict[tuple[str, str], int] = {}
     for device in devices_from(args.device):
-        rows, params = bench_device(device, dtype, args, warmup, repeats)
+        rows, params = bench_device(device, dtype, args, warmup, repeats, flops)
         results += rows
     print_table(results, title=f"internal fusion, LLaMA {args.layers} x {width}, {image_tokens} image tokens, "
                                f"threads={torch.get_num_threads()}; ratios vs plain",
                 baseline=lambda r: "plain")
     by = {(r.case, r.mode): r.median_ms for r in results if r.device == results[0].device}
-    print("\ncost of the injection itself: (fused - plain - projectors alone) / plain")
-    for name in [k for k in params if k != "plain LLM"]:
+    names = [k for k in params if k != "plain LLM"]
+    print("\ncost of the injection itself, (fused - plain - projectors alone) / plain: time (noisy on a shared "
+          "CPU) and FLOPs (exact)")
+    for name in names:
         for mode in ("prefill", "train"):
             extra = by[(name, mode)] - by[("plain", mode)] - by[(f"{name} projectors", mode)]
-            print(f"  {name:10s} {mode:8s} {100 * extra / by[('plain', mode)]:+6.1f} %")
+            plain_flops = flops[("plain", mode)]
+            total = 100 * (flops[(name, mode)] - plain_flops) / plain_flops
+            beyond = 100 * (flops[(name, mode)] - plain_flops - flops[(f"{name} projectors", mode)]) / plain_flops
+            print(f"  {name:10s} {mode:8s} time {100 * extra / by[('plain', mode)]:+6.1f} %   FLOPs {total:+6.1f} % in all, "
+                  f"{beyond:+6.2f} % beyond the projectors")
     print("\nparameters:", ", ".join(f"{k} {v / 1e6:.1f} M" for k, v in params.items()))
-    write_json(results, args.json, benchmark="internal_fusion", extra={"parameters": params, **vars(args)})
+    write_json(results, args.json, benchmark="internal_fusion",
+               extra={"parameters": params, "flops": {f"{c} {m}": v for (c, m), v in flops.items()}, **vars(args)})
 
 
 if __name__ == "__main__":
