@@ -19,6 +19,7 @@ affects every row alike.
 
     python benchmarks/internal_fusion.py --device cpu --threads 2 --repeats 3
     python benchmarks/internal_fusion.py --width 1024 --layers 4   # scaled down for a small CPU
+    python benchmarks/internal_fusion.py --flops-only                # exact FLOPs at full size, in seconds
     python benchmarks/internal_fusion.py --quick
 """
 
@@ -157,6 +158,68 @@ def bench_device(device: torch.device, dtype: torch.dtype, args, warmup: int, re
     return results, params
 
 
+def flops_only(args) -> None:
+    """Exact FLOPs of every case at full size on the meta device (no memory, no time): the plain LLM, each
+    fusion, and each fusion's projectors alone."""
+    meta = torch.device("meta")
+    width, layers, image_tokens, c = args.width, args.layers, args.image_tokens, args.vit_width
+    llm = build_llm(width, layers, args.heads, args.vocab, meta, torch.float32)
+    length = image_tokens + args.text_tokens
+    ids = torch.zeros(1, length, dtype=torch.long, device=meta)
+    mask = torch.zeros(1, length, dtype=torch.bool)
+    mask[:, args.text_tokens // 2: args.text_tokens // 2 + image_tokens] = True
+    inter = int(width * 2.75)
+    fusions = {
+        "I_D": InternalDirect(c, width, lin_layer_map("3-18-23", layers), device=meta),
+        "I_M": InternalModular(c, width, lin_layer_map("18", layers), num_heads=args.heads, intermediate_size=inter,
+                               device=meta),
+        "I_M x3": InternalModular(c, width, lin_layer_map("3-18-23", layers), num_heads=args.heads,
+                                  intermediate_size=inter, device=meta),
+        "DeepStack": DeepStack(c, width, num_levels=3, device=meta),
+    }
+
+    def count(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    def step(mode):
+        def call():
+            if mode == "prefill":
+                with torch.no_grad():
+                    llm(input_ids=ids)
+            else:
+                llm(input_ids=ids, labels=ids).loss.backward()
+        return call
+
+    plain = {mode: count(step(mode)) for mode in ("prefill", "train")}
+    print(f"\nFLOPs, LLaMA {layers} x {width}, {image_tokens} image tokens (meta device); plain LLM: "
+          f"prefill {plain['prefill'] / 1e9:.1f} GFLOP, train step {plain['train'] / 1e9:.1f} GFLOP, "
+          f"{sum(p.numel() for p in llm.parameters()) / 1e6:.1f} M parameters")
+    for name, fusion in fusions.items():
+        per_token = 4 if isinstance(fusion, DeepStack) else 1
+        fusion.attach(llm)
+        # the image-token positions come from a CPU mask; the levels themselves stay shape-only
+        fusion.set_inputs([torch.zeros(image_tokens * per_token, c) for _ in fusion.fused_layers], mask)
+        fusion._inputs.levels = [level.to(meta) for level in fusion._inputs.levels]
+        modules = fusion.mergers if isinstance(fusion, DeepStack) else fusion.projectors
+        for mode in ("prefill", "train"):
+            fused = count(step(mode))
+
+            def alone(mode=mode, modules=modules, levels=fusion._inputs.levels):
+                with torch.set_grad_enabled(mode == "train"):
+                    total = sum(m(x).sum() for m, x in zip(modules, levels))
+                if mode == "train":
+                    total.backward()
+
+            projectors = count(alone)
+            print(f"  {name:10s} {mode:8s} +{100 * (fused - plain[mode]) / plain[mode]:5.1f} % in all, "
+                  f"{100 * (fused - plain[mode] - projectors) / plain[mode]:+6.2f} % beyond the projectors; "
+                  f"{sum(p.numel() for p in fusion.parameters()) / 1e6:.1f} M parameters")
+        fusion.clear_inputs()
+        fusion.detach()
+
+
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], default_json="internal_fusion.json")
     parser.add_argument("--width", type=int, default=2048, help="LLM hidden size")
@@ -167,7 +230,12 @@ def main() -> None:
     parser.add_argument("--text-tokens", type=int, default=64)
     parser.add_argument("--vit-width", type=int, default=1024)
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--flops-only", action="store_true",
+                        help="count FLOPs at full size on the meta device instead of timing (seconds, any machine)")
     args = parser.parse_args()
+    if args.flops_only:
+        flops_only(args)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
