@@ -2,7 +2,7 @@
 
 Every preset is a function of the backbone depth D (number of transformer blocks; hidden-state
 indices 0..D, index 0 = embedding output, k = output of block k, the convention of
-:class:`~layerfuse.LayerTap` and HF ``hidden_states``). At D = 24 (CLIP ViT-L/14-336) the layers are
+[`LayerTap`][layerfuse.LayerTap] and HF ``hidden_states``). At D = 24 (CLIP ViT-L/14-336) the layers are
 exactly the authors'. For other depths each preset states its rule; the ones used here are
 
 - ``scale(k) = floor(k * D / 24)``: a layer chosen on the 24-block CLIP-L is mapped proportionally,
@@ -17,12 +17,12 @@ which equal those of the 26-block truncated tower used by LLaVA-NeXT, Dense Conn
 for every index up to 26. Presets feed patch tokens (``tokens="patch"``), which for a tower without
 CLS keeps every token.
 
-.. code-block:: python
-
-    layers = preset_layers("lin_ed_3_18_23", depth=24)           # (3, 18, 23)
-    fuser = build_fuser("lin_ed_3_18_23", dim=1024, depth=24)    # ConcatFuser, out_dim 3072
-    module = build_fusion_projector("dense_connector_dci", dim=1024, llm_dim=4096)
-    visual_tokens = module(LayerTap(vit, module.layers, tokens=module.tokens)(images))
+```python
+layers = preset_layers("lin_ed_3_18_23", depth=24)           # (3, 18, 23)
+fuser = build_fuser("lin_ed_3_18_23", dim=1024, depth=24)    # ConcatFuser, out_dim 3072
+module = build_fusion_projector("dense_connector_dci", dim=1024, llm_dim=4096)
+visual_tokens = module(LayerTap(vit, module.layers, tokens=module.tokens)(images))
+```
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class PresetPlan:
 
     @classmethod
     def concat(cls, groups: Sequence[int | Sequence[int]], **options: Any) -> PresetPlan:
-        """A :class:`~layerfuse.ConcatFuser` plan from channel blocks named by hidden-state index.
+        """A [`ConcatFuser`][layerfuse.ConcatFuser] plan from channel blocks named by hidden-state index.
 
         Each entry of ``groups`` is a hidden-state index or a sequence of them to average. Each layer
         is tapped once, even if used twice (Dense Connector DCI's base inside its second group): in
@@ -241,7 +241,7 @@ def comm_dino(depth: int) -> PresetPlan:
 
 
 def preset_names() -> list[str]:
-    """Names accepted by :func:`preset_plan`, :func:`build_fuser` and the ``from_preset`` constructors."""
+    """Names accepted by [`preset_plan`][layerfuse.presets.preset_plan], [`build_fuser`][layerfuse.presets.build_fuser] and the ``from_preset`` constructors."""
     return sorted(PRESETS)
 
 
@@ -278,7 +278,7 @@ def build_fuser(
     """The fuser of preset ``name`` for inputs of width ``dim`` from a ``depth``-block backbone.
 
     Args:
-        name: a preset name (:func:`preset_names`).
+        name: a preset name ([`preset_names`][layerfuse.presets.preset_names]).
         dim: ViT width C.
         depth: number of transformer blocks of the backbone. Default: ``24`` (CLIP ViT-L)
         expect: raise ``TypeError`` unless the preset builds this fuser class or a subclass (used by
@@ -306,7 +306,7 @@ def build_fusion_projector(
     """Preset fuser + LLaVA projector, with the ``layers``/``tokens`` that feed it.
 
     Args:
-        name: a preset name (:func:`preset_names`).
+        name: a preset name ([`preset_names`][layerfuse.presets.preset_names]).
         dim: ViT width C.
         llm_dim: LLM hidden size.
         depth: number of transformer blocks of the backbone. Default: ``24``

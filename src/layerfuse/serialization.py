@@ -55,7 +55,7 @@ def load_strict(module: nn.Module, state_dict: dict[str, torch.Tensor], *, sourc
 class PretrainedMixin(metaclass=ABCMeta):
     """Adds ``save_pretrained`` / ``from_pretrained`` to an ``nn.Module`` subclass.
 
-    Subclasses implement :meth:`get_config`, returning the JSON-serialisable constructor keyword
+    Subclasses implement [`get_config`][layerfuse.serialization.PretrainedMixin.get_config], returning the JSON-serialisable constructor keyword
     arguments. Every concrete subclass is registered by class name, so
     ``PretrainedMixin.from_pretrained(path)`` rebuilds whichever class was saved, while
     ``ConcatFuser.from_pretrained(path)`` also checks that the saved class is a ``ConcatFuser``.
@@ -93,7 +93,7 @@ class PretrainedMixin(metaclass=ABCMeta):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> T:
-        """Rebuild a module saved by :meth:`save_pretrained`; keys and shapes must match exactly.
+        """Rebuild a module saved by [`save_pretrained`][layerfuse.serialization.PretrainedMixin.save_pretrained]; keys and shapes must match exactly.
 
         Args:
             directory: the folder written by ``save_pretrained``.

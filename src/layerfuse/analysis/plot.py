@@ -31,9 +31,9 @@ def plot_similarity(
     display and leaves pyplot's global state alone.
 
     Args:
-        result_or_matrix: a :class:`LayerSimilarity` or an (L, L) tensor (labelled 0..L−1).
+        result_or_matrix: a [`LayerSimilarity`][layerfuse.analysis.LayerSimilarity] or an (L, L) tensor (labelled 0..L−1).
         path: output file; parent folders are created.
-        groups: bands from :func:`group_layers`; their layers must be rows of the matrix.
+        groups: bands from [`group_layers`][layerfuse.analysis.group_layers]; their layers must be rows of the matrix.
         title: figure title. Default: the metric and image count.
         normalize: min–max scale the off-diagonal entries to [0, 1] for display (the diagonal is drawn
             as 1). The LRS paper's figure looks scaled this way; the stored matrix is never rescaled.

@@ -91,16 +91,16 @@ def layer_similarity(
 ) -> LayerSimilarity:
     """Similarity between every pair of layers of a backbone, averaged over images.
 
-    Features are reduced batch by batch into float64 running sums (see :class:`TokenCosine`,
-    :class:`PooledCosine`, :class:`LinearCKA`), so memory does not grow with the number of images and
+    Features are reduced batch by batch into float64 running sums (see [`TokenCosine`][layerfuse.analysis.TokenCosine],
+    [`PooledCosine`][layerfuse.analysis.PooledCosine], [`LinearCKA`][layerfuse.analysis.LinearCKA]), so memory does not grow with the number of images and
     the result does not depend on the batch size. The backbone runs under ``torch.inference_mode``
     and in eval mode; the train/eval flags of its modules are restored afterwards.
 
     Args:
-        tap_or_model: a :class:`layerfuse.LayerTap`; a timm / Hugging Face / open_clip model, wrapped in
+        tap_or_model: a [`layerfuse.LayerTap`][layerfuse.LayerTap]; a timm / Hugging Face / open_clip model, wrapped in
             ``LayerTap(model, layers, tokens=tokens)``; or any callable mapping an image batch to a
             sequence of (B, N, C) tensors (its ``.layers`` is used when it returns
-            :class:`layerfuse.LayerFeatures`).
+            [`layerfuse.LayerFeatures`][layerfuse.LayerFeatures]).
         images: a (B, 3, H, W) tensor (split into ``batch_size`` chunks), or an iterable of batches
             (a DataLoader) whose items are tensors, ``(images, labels, ...)`` tuples or dicts with
             ``"pixel_values"``. Batches are moved to the model's device.
@@ -112,9 +112,9 @@ def layer_similarity(
         device: where the running sums live. Default: the device of the features.
 
     Returns:
-        A :class:`LayerSimilarity` with the (L, L) float64 matrix.
+        A [`LayerSimilarity`][layerfuse.analysis.LayerSimilarity] with the (L, L) float64 matrix.
 
-    Example:
+    Examples:
         >>> import timm, torch
         >>> from layerfuse.analysis import group_layers, layer_similarity
         >>> vit = timm.create_model("vit_tiny_patch16_224", pretrained=False)

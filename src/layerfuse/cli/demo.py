@@ -1,8 +1,8 @@
 """``layerfuse demo``: every fuser family on a CLIP ViT-L/14-336-shaped tower, from taps to visual tokens.
 
-Runs offline on the embedded random-weight :class:`~layerfuse.cli.demo_vit.DemoViT`. The demo is a
-list of steps (``STEPS``); each reads and extends a shared :class:`DemoContext` and returns a
-:class:`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
+Runs offline on the embedded random-weight `DemoViT`. The demo is a
+list of steps (``STEPS``); each reads and extends a shared `DemoContext` and returns a
+`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
 step feeds each method's fuser and LLaVA projector.
 """
 

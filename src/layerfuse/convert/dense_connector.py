@@ -41,7 +41,7 @@ def convert_dense_connector(
     ========  ==========================================  ===========================================
 
     CLIP drops the CLS token (``tokens="patch"``); SigLIP has none and keeps all its tokens, as the
-    authors do. ``pool8`` is their 1-D pooling over raster order (:class:`~layerfuse.TokenConcatFuser`).
+    authors do. ``pool8`` is their 1-D pooling over raster order ([`TokenConcatFuser`][layerfuse.TokenConcatFuser]).
 
     Args:
         state_dict: keys containing ``mm_projector.`` with any prefix (``model.mm_projector.0.weight``,

@@ -51,7 +51,7 @@ def convert_lin_ed(
     **SigLIP drop-first-token (fidelity switch).** The authors' tower strips token 0 from every state
     even for SigLIP, which has no CLS token, so a real patch is lost and 728 of 729 tokens reach the
     LLM (specs §3.9). ``drop_first_token=True`` (the SigLIP default) reproduces that: the returned
-    :class:`~layerfuse.ConcatFuser` drops token 0 itself (``tokens="patch"`` keeps all SigLIP tokens).
+    [`ConcatFuser`][layerfuse.ConcatFuser] drops token 0 itself (``tokens="patch"`` keeps all SigLIP tokens).
     ``drop_first_token=False`` keeps all 729 tokens (the projector is per-token, so the weights still
     apply; the LLM then sees one more token than in training). For CLIP the tap drops the CLS token
     and nothing else is dropped.

@@ -63,7 +63,7 @@ def select_prefixed(state_dict: Mapping[str, Tensor], anchor: str, *, where: str
 
 
 def select_required(state_dict: Mapping[str, Tensor], anchor: str, *, where: str) -> dict[str, Tensor]:
-    """:func:`select_prefixed`, but a checkpoint with no key under ``anchor`` is an error that shows
+    """[`select_prefixed`][layerfuse.convert.select_prefixed], but a checkpoint with no key under ``anchor`` is an error that shows
     what the checkpoint does hold."""
     selected = select_prefixed(state_dict, anchor, where=where)
     if not selected:

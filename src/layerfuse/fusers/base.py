@@ -44,7 +44,7 @@ class Fuser(PretrainedMixin, nn.Module):
     ) -> F:
         """A published configuration by name, e.g. ``ConcatFuser.from_preset("dense_connector_dci", 1024)``.
 
-        ``dim`` is the ViT width and ``depth`` its number of blocks; :mod:`layerfuse.presets` lists the
+        ``dim`` is the ViT width and ``depth`` its number of blocks; `layerfuse.presets` lists the
         names, their layers and the paper each comes from. Raises ``TypeError`` if the preset builds
         another fuser class.
         """

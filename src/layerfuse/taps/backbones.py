@@ -87,7 +87,7 @@ def patch_grid(patch_embed: nn.Module | None, image_size: tuple[int, int]) -> tu
 
 
 def find_backbone(model: nn.Module, *, blocks: str | None = None, num_prefix_tokens: int | None = None) -> Backbone:
-    """Describe ``model`` for :class:`~layerfuse.taps.LayerTap`.
+    """Describe ``model`` for [`LayerTap`][layerfuse.taps.LayerTap].
 
     Args:
         model: a timm, transformers or open_clip vision transformer (or multimodal model with an image

@@ -71,7 +71,7 @@ class LayerTap(nn.Module):
     ``forward_intermediates`` block ``layers[i] - 1``. No final norm is applied.
 
     Hooks are put on the blocks when the tap is built and do nothing outside a tap call; they are
-    removed by :meth:`remove`, at the end of a ``with`` block, or when the tap is garbage collected.
+    removed by [`remove`][layerfuse.taps.tap.LayerTap.remove], at the end of a ``with`` block, or when the tap is garbage collected.
     The tap registers ``model`` as its child, so ``tap.to(...)``, ``tap.eval()`` and
     ``torch.compile(tap)`` act on the model.
 
@@ -96,12 +96,12 @@ class LayerTap(nn.Module):
 
     Shape:
         - images: (B, C_in, H_img, W_img)
-        - output: a :class:`~layerfuse.LayerFeatures` list of ``len(layers)`` tensors (B, N, C) with
+        - output: a [`LayerFeatures`][layerfuse.LayerFeatures] list of ``len(layers)`` tensors (B, N, C) with
           N = H * W (``"patch"``), 1 + H * W (``"cls_patch"``) or num_prefix_tokens + H * W
           (``"all"``), where (H, W) is the patch grid (``output.grid``). ``output.stacked()`` gives
           (L, B, N, C) and ``output.maps()`` (``"patch"`` only) gives (B, C, H, W) maps.
 
-    Example:
+    Examples:
         >>> import timm
         >>> vit = timm.create_model("vit_small_patch16_224", pretrained=False).eval()
         >>> tap = LayerTap(vit, [3, -2])
@@ -161,7 +161,7 @@ class LayerTap(nn.Module):
 
     @property
     def removed(self) -> bool:
-        """Whether the hooks are gone (:meth:`remove`, the end of a ``with`` block)."""
+        """Whether the hooks are gone ([`remove`][layerfuse.taps.tap.LayerTap.remove], the end of a ``with`` block)."""
         # The handle list, not the finalizer: torch.compile guards on what forward reads, and the
         # finalizer's global registry changes whenever any object is finalized.
         return not self._handles
