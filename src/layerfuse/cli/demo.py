@@ -30,6 +30,7 @@ from ..layers import Projector
 from ..presets import build_fusion_projector
 from ..taps import LayerTap
 from .demo_vit import DemoViT
+from .main import SUMMARIES
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
@@ -182,7 +183,7 @@ STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_ste
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run every fuser family on a random CLIP ViT-L/14-336-shaped tower",
+        help=SUMMARIES["demo"],
         description=(
             "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap in one "
             "forward the hidden states that LLaVA-1.5, Lin et al., Dense Connector, a weighted sum, MMFuser, "

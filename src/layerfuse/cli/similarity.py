@@ -24,6 +24,7 @@ from ..analysis import (
 )
 from ..analysis.plot import SCALES
 from ..taps import find_backbone
+from .main import SUMMARIES
 from .models import load_model
 
 __all__ = ["register", "run"]
@@ -55,7 +56,7 @@ def register(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Add the ``similarity`` subcommand to ``subparsers``; its handler is ``args.func(args)``."""
     parser = subparsers.add_parser(
         "similarity",
-        help="layer-by-layer representation similarity of a ViT, with band grouping and a heat-map",
+        help=SUMMARIES["similarity"],
         description=(
             "Compute the similarity between every pair of hidden states of a vision backbone over a set "
             "of images, split the layers into contiguous bands, print them and write a heat-map / JSON; "
