@@ -110,9 +110,8 @@ def plot_similarity(
     ax.set_yticks(ticks, [str(layers[t]) for t in ticks], fontsize=7)
     ax.set_xlabel("layer (hidden-state index)")
     ax.set_ylabel("layer (hidden-state index)")
-    # Band names sit just above the matrix; the title is padded to clear them.
-    full_title = default_title if not title else f"{title}\n{default_title}"
-    ax.set_title(full_title, fontsize=9, pad=16 if groups else 6)
+    # A figure title: constrained layout makes room for it above the band names.
+    fig.suptitle(default_title if not title else f"{title}\n{default_title}", fontsize=9)
     if groups is not None:
         limits = ax.get_xlim(), ax.get_ylim()
         _draw_bands(fig, ax, groups, layers)
