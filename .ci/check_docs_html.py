@@ -8,6 +8,7 @@ quotes, so this looks at the HTML itself. Outside <code>/<pre> it reports:
 - reST roles (:func:, :class:, :meth:, :mod:, :attr:, :data:, :exc:, :obj:),
 - reST directives (.. code-block::, .. note:: ...) and literal-block markers ending a paragraph in ::,
 - doctest prompts (>>>), which render as code only inside an Examples section,
+- reST table borders (``=====  =====``: a simple table read as a paragraph),
 - <blockquote> elements (Markdown's reading of '>>>' lines; the docs use none on purpose),
 - unresolved autorefs (<autoref> elements left in the page).
 Each finding is printed with its page and a snippet; the exit status is the number of pages with
@@ -25,6 +26,7 @@ ROLE = re.compile(r":(?:py:)?(?:func|class|meth|mod|attr|data|exc|obj|const):")
 DIRECTIVE = re.compile(r"\.\. [a-zA-Z-]+::")
 DOCTEST = re.compile(r">>>")
 LITERAL_MARKER = re.compile(r"\w::\s*$")
+TABLE_BORDER = re.compile(r"={4,}\s+={2,}")
 
 
 class Text(HTMLParser):
@@ -61,7 +63,8 @@ def findings(html: str) -> list[str]:
     parser.feed(html)
     text = "".join(parser.chunks)
     found = []
-    for name, pattern in (("reST role", ROLE), ("reST directive", DIRECTIVE), ("doctest prompt >>>", DOCTEST)):
+    for name, pattern in (("reST role", ROLE), ("reST directive", DIRECTIVE), ("doctest prompt >>>", DOCTEST),
+                          ("reST table border", TABLE_BORDER)):
         for match in pattern.finditer(text):
             snippet = " ".join(text[max(0, match.start() - 60): match.end() + 60].split())
             found.append(f"{name}: ...{snippet}...")
