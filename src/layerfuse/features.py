@@ -20,7 +20,8 @@ class LayerFeatures(list[Tensor]):
     """A ``list`` of per-layer tensors that also carries the patch grid and layer indices.
 
     It *is* a list, so every API that takes ``Sequence[Tensor]`` accepts it unchanged; fusers that
-    need the spatial layout read ``features.grid`` when no explicit ``grid=`` is passed.
+    need the spatial layout read ``features.grid``, and an explicit ``grid=`` that contradicts it is an
+    error.
 
     Attributes:
         grid: ``(H, W)`` of the patch tokens, or ``None`` when unknown.

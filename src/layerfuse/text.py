@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_tensor
 from ._optional import require
 from .ops.layer_mean import accumulation_dtype
 
@@ -41,6 +42,9 @@ def mean_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
         (B, E).
     """
     where = "mean_pool"
+    check_tensor(where, "hidden", hidden, shape="(B, L, E)", ndim=3)
+    if not isinstance(attention_mask, Tensor):
+        raise TypeError(f"{where}: attention_mask expected a torch.Tensor (B, L), got {type(attention_mask).__name__}")
     if hidden.ndim != 3 or tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
         raise ValueError(
             f"{where}: expected hidden (B, L, E) and attention_mask (B, L), got {tuple(hidden.shape)} and "

@@ -35,9 +35,9 @@ def test_folder_errors(tmp_path):
     with pytest.raises(ValueError, match=r"ImageFolderBatches: no readable image files under"):
         ImageFolderBatches(ImageFiles(tmp_path, ()), image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
     write_images(tmp_path / "ok", [(8, 8)])
-    with pytest.raises(ValueError, match=r"ImageFolderBatches: crop_pct expected a value in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"ImageFolderBatches: crop_pct expected a float in \(0, 1\], got 1.5"):
         ImageFolderBatches(tmp_path / "ok", image_size=8, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.5)
-    with pytest.raises(ValueError, match=r"ImageFolderBatches: mean and std expected 3 values each"):
+    with pytest.raises(ValueError, match=r"ImageFolderBatches: mean expected 3 values, got 2"):
         ImageFolderBatches(tmp_path / "ok", image_size=8, mean=(0, 0), std=(1, 1, 1))
 
 

@@ -137,7 +137,9 @@ def test_grid_resolution_order():
     from_tap = fuser(tapped)
     assert not torch.allclose(from_default, from_tap)
     torch.testing.assert_close(from_tap, fuser(feats, grid=(4, 3)))
-    torch.testing.assert_close(fuser(tapped, grid=(3, 4)), from_default)  # explicit grid wins
+    torch.testing.assert_close(fuser(tapped, grid=(4, 3)), from_tap)  # an explicit grid that agrees is fine
+    with pytest.raises(ValueError, match=r"grid=\(3, 4\) contradicts the grid the features carry \(features.grid=\(4, 3\)"):
+        fuser(tapped, grid=(3, 4))  # never silently preferred over the tap's grid
 
 
 def test_query_index_names_the_query_layer():
@@ -256,7 +258,7 @@ def test_bad_inputs():
         fuser(feats, grid=(2, 3), level_grids=[(2, 3)])
     with pytest.raises(ValueError, match=where + r": level grid \(1, 3\) = 3 tokens does not fit features\[1\] with 6"):
         fuser(feats, grid=(2, 3), level_grids=[(2, 3), (1, 3)])
-    with pytest.raises(TypeError, match=where + r": features have dtype torch.float64 but the module's parameters"):
+    with pytest.raises(TypeError, match=where + r": features\[0\] has dtype torch.float64 but the module's parameters"):
         fuser([f.double() for f in feats], grid=(2, 3))
     with pytest.raises(TypeError, match=where + r": features expected a sequence"):
         fuser(torch.stack(feats), grid=(2, 3))

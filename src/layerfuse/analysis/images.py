@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_float, check_float_list, check_positive_int
 from .._optional import require
 
 # b batch, c channels, h/w pixel rows/columns
@@ -57,6 +57,7 @@ def find_images(root: str | Path, *, check: bool = True) -> ImageFiles:
         ImportError: Pillow is missing (it comes with the ``analysis`` extra) and ``check`` is set.
     """
     where = "find_images"
+    check_bool(where, "check", check)
     root = Path(root)
     if not root.is_dir():
         raise ValueError(f"{where}: root {str(root)!r} is not a folder")
@@ -124,10 +125,11 @@ class ImageFolderBatches:
             raise ValueError(f"{where}: no readable image files under {str(root.root)!r}")
         self.root = root.root
         self.files = list(root.files)
-        if len(mean) != 3 or len(std) != 3 or any(s <= 0 for s in std):
-            raise ValueError(f"{where}: mean and std expected 3 values each (std > 0), got {mean!r}, {std!r}")
-        if not 0 < crop_pct <= 1:
-            raise ValueError(f"{where}: crop_pct expected a value in (0, 1], got {crop_pct}")
+        mean = check_float_list(where, "mean", mean, length=3)
+        std = check_float_list(where, "std", std, length=3)
+        for i, s in enumerate(std):
+            check_float(where, f"std[{i}]", s, low=0.0, low_open=True)
+        crop_pct = check_float(where, "crop_pct", crop_pct, low=0.0, high=1.0, low_open=True)
         self.image_size = check_positive_int(where, "image_size", image_size)
         self.batch_size = check_positive_int(where, "batch_size", batch_size)
         self.crop_pct = crop_pct
@@ -149,10 +151,13 @@ class ImageFolderBatches:
     def load(self, path: str | Path) -> Tensor:
         """One image file as a normalised (3, S, S) float32 tensor."""
         pil_image = require("PIL.Image", extra="analysis", purpose="reading image files")
-        with pil_image.open(path) as img:
-            rgb = img.convert("RGB")
-            width, height = rgb.size
-            data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        try:
+            with pil_image.open(path) as img:
+                rgb = img.convert("RGB")
+                width, height = rgb.size
+                data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+        except OSError as err:  # PIL's truncated-file error does not name the file
+            raise ValueError(f"ImageFolderBatches: {path} is not a readable image ({err})") from None
         x = rearrange(data, "(h w c) -> 1 c h w", h=height, w=width, c=3).float() / 255
         short = round(self.image_size / self.crop_pct)
         scale = short / min(height, width)
@@ -182,6 +187,8 @@ class SyntheticImages:
         self.num_images = check_positive_int(where, "num_images", num_images)
         self.image_size = check_positive_int(where, "image_size", image_size)
         self.batch_size = check_positive_int(where, "batch_size", batch_size)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"{where}: seed expected an int, got {type(seed).__name__} {seed!r}")
         self.seed = seed
 
     def __len__(self) -> int:

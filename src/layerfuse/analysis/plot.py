@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._checks import check_choice
+from .._checks import check_choice, check_positive_int, check_string
 from .._optional import require
 from .grouping import LayerGroups
 from .similarity import LayerSimilarity
@@ -83,7 +83,14 @@ def plot_similarity(
         )
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f"{where}: expected a square (L, L) matrix, got shape {tuple(matrix.shape)}")
+    if not isinstance(path, str | Path):
+        raise TypeError(f"{where}: path expected a file path (str or Path), got {type(path).__name__} {path!r}")
+    if title is not None:
+        check_string(where, "title", title)
     check_choice(where, "scale", scale, SCALES)
+    check_positive_int(where, "dpi", dpi)
+    if groups is not None and not isinstance(groups, LayerGroups):
+        raise TypeError(f"{where}: groups expected the LayerGroups of group_layers, got {type(groups).__name__}")
     if groups is not None:
         missing = [layer for band in groups.bands for layer in band if layer not in layers]
         if missing:

@@ -9,8 +9,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-import torch
-
+from .._checks import check_device
 from ..analysis import (
     METRICS,
     ImageFolderBatches,
@@ -103,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     """Execute ``layerfuse similarity``; a bad flag, file or model exits with a one-line message."""
     try:
         return _run(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, OSError, ImportError) as err:
         raise SystemExit(f"{_WHERE}: error: {err}") from err
 
 
@@ -118,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.model is None:
         raise ValueError(f"{_WHERE}: --model is required to compute a similarity (or re-plot with --from-json FILE)")
     options = {name: _DEFAULTS[name] if getattr(args, name) is None else getattr(args, name) for name in _DEFAULTS}
+    device = check_device(_WHERE, "--device", options["device"])
     if layers != "all":
         _check_band_count(args.k, [k for k in layers if args.include_embedding or k != 0], "--layers")
     if args.out is None and args.json is None:
@@ -140,7 +140,7 @@ def _run(args: argparse.Namespace) -> int:
     if layers == "all":
         depth = find_backbone(loaded.model).depth
         _check_band_count(args.k, range(0 if args.include_embedding else 1, depth + 1), f"{args.model}")
-    loaded.model.to(torch.device(options["device"]))
+    loaded.model.to(device)
     if found is not None:
         images = ImageFolderBatches(found, image_size=loaded.image_size, mean=loaded.mean, std=loaded.std,
                                     batch_size=options["batch_size"], crop_pct=loaded.crop_pct)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import factory_kwargs
 from ..fusers.pipeline import FusionProjector
 from .state_dict import load_checkpoint_file, select_prefixed, target_dtype
 
@@ -65,6 +67,14 @@ def from_official(
             are listed; nothing is loaded partially).
     """
     convert = _converter(method)
+    factory_kwargs("from_official", None, dtype)
+    accepted = [name for name in inspect.signature(convert).parameters if name not in ("state_dict", "dtype")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"from_official: {method!r} takes the options {', '.join(accepted) or 'none'}; "
+            f"got unknown {', '.join(unknown)}"
+        )
     if isinstance(state_dict, (str, Path)):
         state_dict = load_checkpoint_file(state_dict)
     elif not isinstance(state_dict, Mapping):

@@ -9,7 +9,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_feature_list, check_positive_int, check_same_tokens, check_widths
+from .._checks import (
+    check_bool,
+    check_feature_list,
+    check_float,
+    check_module_inputs,
+    check_positive_int,
+    check_same_tokens,
+    check_widths,
+    factory_kwargs,
+)
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
 
@@ -87,7 +96,7 @@ class ConcatFuser(Fuser):
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(24)]
         >>> dci(feats).shape
         torch.Size([2, 576, 3072])
-        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024).out_dim
+        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024, depth=24).out_dim
         3072
     """
 
@@ -122,9 +131,12 @@ class ConcatFuser(Fuser):
                     f"{[self.in_dims[i] for i in group]}"
                 )
         self.out_dim = sum(self.in_dims[g[0]] for g in self.terms)
-        self.norm_enabled, self.eps, self.drop_first_token = bool(norm), float(eps), bool(drop_first_token)
+        dd = factory_kwargs(where, device, dtype)
+        self.norm_enabled = check_bool(where, "norm", norm)
+        self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        self.drop_first_token = check_bool(where, "drop_first_token", drop_first_token)
         self.norm: nn.LayerNorm | None = (
-            nn.LayerNorm(self.out_dim, eps=self.eps, device=device, dtype=dtype) if self.norm_enabled else None
+            nn.LayerNorm(self.out_dim, eps=self.eps, **dd) if self.norm_enabled else None
         )
         self.reset_parameters()
 
@@ -132,11 +144,27 @@ class ConcatFuser(Fuser):
         if self.norm is not None:
             self.norm.reset_parameters()
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    @classmethod
+    def _plan_arguments(cls, dim: int, num_inputs: int, options: dict[str, Any]) -> dict[str, Any]:
+        return {"in_dims": [dim] * num_inputs, **options}
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
+        [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "ConcatFuser.forward"
+        grid = self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, grid, level_grids)
         if self.drop_first_token:
             if tokens < 2:
                 raise ValueError(f"{where}: drop_first_token needs at least 2 tokens, got {tokens}")
@@ -154,6 +182,7 @@ class ConcatFuser(Fuser):
             "norm": self.norm_enabled,
             "eps": self.eps,
             "drop_first_token": self.drop_first_token,
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:

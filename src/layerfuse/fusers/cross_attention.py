@@ -11,7 +11,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
@@ -113,13 +113,17 @@ class CrossAttentionFuser(DeepQueryFuser):
         self._init_layout(where, dim, num_levels, heads, query_index, grid)
         if window is not None:
             check_positive_int(where, "window", window)
+        for flag, value in (("pos_embed", pos_embed), ("self_attn", self_attn), ("qkv_bias", qkv_bias)):
+            check_bool(where, flag, value)
+        eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        layer_scale_init = check_float(where, "layer_scale_init", layer_scale_init)
+        mlp_ratio = check_float(where, "mlp_ratio", mlp_ratio, low=0.0)
+        attn_drop = check_float(where, "attn_drop", attn_drop, low=0.0, high=1.0, high_open=True)
         if pos_embed and dim % 4:
             raise ValueError(f"{where}: pos_embed=True needs dim to be a multiple of 4, got dim={dim}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
-            raise ValueError(f"{where}: mlp_ratio expected a float >= 0, got {mlp_ratio!r}")
         if mlp_ratio > 0 and round(dim * mlp_ratio) == 0:
             raise ValueError(f"{where}: mlp_ratio={mlp_ratio} gives an MLP of width 0 at dim={dim}")
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.window, self.pos_embed = window, bool(pos_embed)
         self.mlp_ratio, self.qkv_bias, self.attn_drop = float(mlp_ratio), bool(qkv_bias), float(attn_drop)
         self.eps, self.layer_scale_init = eps, layer_scale_init
@@ -192,6 +196,8 @@ class CrossAttentionFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the key/value levels into the query layer.
 
@@ -204,14 +210,22 @@ class CrossAttentionFuser(DeepQueryFuser):
                 ``window`` and ``pos_embed``; without both, token counts are free.
             level_grids: one (H_l, W_l) per key/value level, in feature order, when the levels have
                 different grids. Default: all equal to ``grid``.
+            text: refused (``TypeError``): this fuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
         where = "CrossAttentionFuser.forward"
+        self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
-            where, features, grid, level_grids, self.level_embed.dtype, spatial=spatial
+            where, features, grid, level_grids, spatial=spatial
         )
         if self.window is not None:
             self._check_window(where, query_grid, level_shapes)

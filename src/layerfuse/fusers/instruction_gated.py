@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 from .._checks import (
+    check_bool,
     check_feature_list,
-    check_module_dtype,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..features import LayerFeatures
 from ..layers.instruction_gate import InstructionGate
@@ -158,8 +160,13 @@ class InstructionGatedFuser(Fuser):
         where = "InstructionGatedFuser"
         check_positive_int(where, "dim", dim)
         check_positive_int(where, "text_dim", text_dim)
+        factory_kwargs(where, device, dtype)
         if isinstance(base_layer, bool) or not isinstance(base_layer, int):
             raise TypeError(f"{where}: base_layer expected an int hidden-state index, got {base_layer!r}")
+        for flag, value in (
+            ("has_cls", has_cls), ("gated", gated), ("summary_norm", summary_norm), ("zero_init_head", zero_init_head)
+        ):
+            check_bool(where, flag, value)
         if not gated and (zero_init_head or summary_norm):
             raise ValueError(
                 f"{where}: zero_init_head and summary_norm configure the gate; gated=False has no gate"
@@ -187,6 +194,16 @@ class InstructionGatedFuser(Fuser):
     def layers(self) -> tuple[int, ...]:
         """Hidden-state indices ``forward`` expects, in order: the groups' layers, then the base layer."""
         return (*(i for g in self.groups for i in g), self.base_layer)
+
+    @property
+    def uses_text(self) -> bool:
+        """``True`` for a gated fuser (``forward`` needs ``text``); ``False`` for ``gated=False``."""
+        return self.gated
+
+    @property
+    def tokens(self) -> str:
+        """The tap's token mode ``forward`` expects: ``"cls_patch"`` with ``has_cls``, else ``"patch"``."""
+        return "cls_patch" if self.has_cls else "patch"
 
     def reset_parameters(self) -> None:
         if self.gate is not None:
@@ -258,7 +275,6 @@ class InstructionGatedFuser(Fuser):
             )
         if text.device != feats[0].device:
             raise ValueError(f"{where}: text is on {text.device} but the features are on {feats[0].device}")
-        check_module_dtype(where, feats[0], self.gate.linear.weight.dtype)
 
     def _group_features(self, feats: Sequence[Tensor]) -> list[list[Tensor]]:
         out, start = [], 0
@@ -276,6 +292,7 @@ class InstructionGatedFuser(Fuser):
 
     def group_means(self, features: Sequence[Tensor]) -> Tensor:
         """The K group means on all tokens, (B, K, T, C), in float32 (float64 for float64 features)."""
+        check_module_inputs("InstructionGatedFuser.group_means", self, features=features)
         feats = self._check_features("InstructionGatedFuser.group_means", features)
         acc = accumulation_dtype(feats[0].dtype)
         return torch.stack([layer_mean(g, out_dtype=acc) for g in self._group_features(feats)], dim=1)
@@ -286,6 +303,7 @@ class InstructionGatedFuser(Fuser):
         Only the CLS tokens (or the per-layer mean patch tokens) are averaged, so this is cheap.
         """
         where = "InstructionGatedFuser.gate_weights"
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_text(where, text, feats)
         acc = accumulation_dtype(feats[0].dtype)
@@ -298,10 +316,20 @@ class InstructionGatedFuser(Fuser):
             ]
         return self._weights(torch.stack(parts, dim=1), text, feats[0].dtype)
 
-    def forward_with_weights(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> GatedFusion:
+    def forward_with_weights(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> GatedFusion:
         """[`forward`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward] plus the gate weights (for inspection or [`gate_entropy_loss`][layerfuse.fusers.gate_entropy_loss])."""
         where = "InstructionGatedFuser.forward"
+        checked = self._call_args(where, features, grid, text, uses_text=True)
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
+        self._check_token_layout(where, features, feats[0].shape[1], checked, level_grids, prefix=int(self.has_cls))
         self._check_text(where, text, feats)
         dtype, acc = feats[0].dtype, accumulation_dtype(feats[0].dtype)
         means = [layer_mean(g, out_dtype=acc) for g in self._group_features(feats)]
@@ -318,9 +346,20 @@ class InstructionGatedFuser(Fuser):
             fused = fused + weights[:, k, None, None] * patches[k]
         return GatedFusion(output=torch.cat([base, fused.to(dtype)], dim=-1), weights=weights)
 
-    def forward(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> Tensor:
-        """Fuse ``features`` (the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]) under instruction ``text``."""
-        return self.forward_with_weights(features, text=text).output
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse ``features`` (the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]) under instruction ``text``.
+
+        ``grid`` (H, W) of the patch tokens and ``level_grids`` are not needed; they are accepted when
+        they fit the tokens (the calling convention of every fuser, see [`Fuser`][layerfuse.Fuser]).
+        """
+        return self.forward_with_weights(features, grid, level_grids, text=text).output
 
 
 def gate_entropy_loss(weights: Tensor) -> Tensor:

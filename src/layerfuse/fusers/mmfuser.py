@@ -8,7 +8,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
@@ -93,8 +93,9 @@ class MMFuser(DeepQueryFuser):
         where = "MMFuser"
         self._init_layout(where, dim, num_levels, heads, query_index, grid)
         self.points = check_positive_int(where, "points", points)
-        self.eps, self.layer_scale_init = eps, layer_scale_init
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        self.layer_scale_init = check_float(where, "layer_scale_init", layer_scale_init)
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
 
         # Registration order follows the authors' module, so state_dict() lists keys in their order
         # (the layer-scales are plain parameters named gamma1/gamma2 to keep their keys unchanged).
@@ -144,6 +145,8 @@ class MMFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the value levels into the query layer.
 
@@ -155,13 +158,20 @@ class MMFuser(DeepQueryFuser):
                 Default: ``features.grid``, else the grid the module was built with.
             level_grids: one (H_l, W_l) per value level, in feature order, when the levels have
                 different grids (e.g. pooled or other-resolution layers). Default: all equal to ``grid``.
+            text: refused (``TypeError``): MMFuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
-        query, levels, query_grid, shapes = self._split(
-            "MMFuser.forward", features, grid, level_grids, self.gamma1.dtype
-        )
+        where = "MMFuser.forward"
+        self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
+        query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))
         cross = self.cross_attn(self.query_norm(query), points, value, shapes)

@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_grid, check_positive_int
+from .._checks import check_choice, check_grid, check_module_inputs, check_positive_int, factory_kwargs
 from ..ops import ms_deform_attn
 from ..ops.msda import backend_names
 
@@ -107,7 +107,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"{where}: dim={dim} expected a multiple of heads={heads}")
         check_choice(where, "backend", backend, ("auto", *backend_names()))
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs(where, device, dtype)
         self.dim, self.num_levels, self.heads, self.points, self.backend = dim, num_levels, heads, points, backend
         self.sampling_offsets = nn.Linear(dim, heads * num_levels * points * 2, **dd)
         self.attention_weights = nn.Linear(dim, heads * num_levels * points, **dd)
@@ -148,7 +148,7 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"{where}: value has batch size {value.shape[0]} but query has {query.shape[0]}; "
                 f"got query {tuple(query.shape)}, value {tuple(value.shape)}"
             )
-        if isinstance(spatial_shapes, Tensor) or not isinstance(spatial_shapes, Sequence):
+        if isinstance(spatial_shapes, Tensor | str | bytes) or not isinstance(spatial_shapes, Sequence):
             raise TypeError(
                 f"{where}: spatial_shapes expected a sequence of {self.num_levels} (H, W) int pairs, "
                 f"got {type(spatial_shapes).__name__}"
@@ -181,6 +181,10 @@ class MultiScaleDeformableAttention(nn.Module):
     def forward(
         self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Sequence[Sequence[int]]
     ) -> Tensor:
+        check_module_inputs(
+            f"{type(self).__name__}.forward", self, query=query, value=value, reference_points=reference_points,
+            any_dtype=("reference_points",),
+        )
         shapes = self._check_inputs(query, reference_points, value, spatial_shapes)
         m, lv, p = self.heads, self.num_levels, self.points
 

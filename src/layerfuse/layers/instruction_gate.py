@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_module_inputs, check_positive_int, check_tensor, factory_kwargs
 from ..ops.attention import attention
 from ..ops.layer_mean import accumulation_dtype
 
@@ -50,7 +50,7 @@ class GateAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateAttention", device, dtype)
         if dim % num_heads != 0:
             raise ValueError(f"GateAttention: num_heads={num_heads} must divide dim={dim}")
         self.dim, self.num_heads = dim, num_heads
@@ -104,7 +104,7 @@ class GateBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateBlock", device, dtype)
         self.cross_attention = GateAttention(dim, num_heads, **dd)
         self.ffn = nn.Sequential(nn.Linear(dim, dim, **dd), nn.ReLU(), nn.Linear(dim, dim, **dd))
         self.norm1 = nn.LayerNorm(dim, **dd)
@@ -191,7 +191,9 @@ class InstructionGate(nn.Module):
             check_positive_int(where, name, value)
         if dim % num_heads != 0:
             raise ValueError(f"{where}: num_heads={num_heads} must divide dim={dim}")
-        dd = {"device": device, "dtype": dtype}
+        check_bool(where, "summary_norm", summary_norm)
+        check_bool(where, "zero_init_head", zero_init_head)
+        dd = factory_kwargs(where, device, dtype)
         self.text_dim, self.summary_dim, self.num_groups = text_dim, summary_dim, num_groups
         self.dim, self.num_blocks, self.num_heads = dim, num_blocks, num_heads
         self.zero_init_head = zero_init_head
@@ -229,6 +231,18 @@ class InstructionGate(nn.Module):
         return self.linear(x.squeeze(1))
 
     def forward(self, text: Tensor, summaries: Tensor) -> Tensor:
+        where = "InstructionGate.forward"
+        check_module_inputs(where, self, text=text, summaries=summaries)
+        check_tensor(where, "text", text, shape=f"(B, {self.text_dim})", ndim=2, last=self.text_dim)
+        check_tensor(
+            where, "summaries", summaries, shape=f"(B, {self.num_groups}, {self.summary_dim})", ndim=3,
+            last=self.summary_dim,
+        )
+        if summaries.shape[:2] != (text.shape[0], self.num_groups):
+            raise ValueError(
+                f"{where}: summaries expected shape ({text.shape[0]}, {self.num_groups}, {self.summary_dim}) "
+                f"(B from text, K = num_groups), got {tuple(summaries.shape)}"
+            )
         logits = self.logits(text, summaries)
         return logits.softmax(dim=-1, dtype=accumulation_dtype(logits.dtype))
 

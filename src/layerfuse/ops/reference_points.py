@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_grid
+from .._checks import check_device, check_grid
 
 __all__ = ["reference_points"]
 
@@ -41,6 +41,8 @@ def reference_points(grid: Sequence[int], *, device: torch.device | str | None =
                 [0.1667, 0.7500]])
     """
     h, w = check_grid("reference_points", grid)
+    if device is not None:
+        device = check_device("reference_points", "device", device)
     y = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
     x = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
     return torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1).reshape(h * w, 2)
