@@ -1,8 +1,8 @@
 """``layerfuse demo``: every fuser family on a CLIP ViT-L/14-336-shaped tower, from taps to visual tokens.
 
-Runs offline on the embedded random-weight :class:`~layerfuse.cli.demo_vit.DemoViT`. The demo is a
-list of steps (``STEPS``); each reads and extends a shared :class:`DemoContext` and returns a
-:class:`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
+Runs offline on the embedded random-weight `DemoViT`. The demo is a
+list of steps (``STEPS``); each reads and extends a shared `DemoContext` and returns a
+`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
 step feeds each method's fuser and LLaVA projector.
 """
 
@@ -30,6 +30,7 @@ from ..fusers import (
 from ..layers import Projector
 from ..taps import LayerTap
 from .demo_vit import DemoViT
+from .main import SUMMARIES
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
@@ -186,7 +187,7 @@ STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_ste
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run every fuser family on a random CLIP ViT-L/14-336-shaped tower",
+        help=SUMMARIES["demo"],
         description=(
             "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap in one "
             "forward the hidden states that LLaVA-1.5, Lin et al., Dense Connector, a weighted sum, MMFuser, "

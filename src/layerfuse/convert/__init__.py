@@ -1,7 +1,7 @@
 """Load the authors' released projector checkpoints into layerfuse modules, and export to HF LLaVA.
 
 ``from_official(method, state_dict_or_path, *, dtype=None, **options)`` returns a
-:class:`~layerfuse.fusers.pipeline.FusionProjector` whose output equals the authors' whole
+[`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] whose output equals the authors' whole
 ``mm_projector`` output; each method's options are documented on its converter function.
 """
 
@@ -60,7 +60,7 @@ def from_official(
             documented on ``layerfuse.convert.<method>.convert_<method>``.
 
     Returns:
-        A :class:`~layerfuse.fusers.pipeline.FusionProjector` exposing ``layers`` and ``tokens``.
+        A [`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] exposing ``layers`` and ``tokens``.
 
     Raises:
         ValueError: unknown method or options, or keys that do not fit (all missing and unexpected keys

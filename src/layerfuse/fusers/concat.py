@@ -92,7 +92,7 @@ class ConcatFuser(Fuser):
         - features: ``len(in_dims)`` tensors (B, N, C_i) (N + 1 tokens with ``drop_first_token``)
         - output: (B, N, out_dim) with ``out_dim`` the sum of the term widths
 
-    Example:
+    Examples:
         >>> dci = ConcatFuser([1024] * 24, terms=[23, range(0, 12), range(12, 24)])
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(24)]
         >>> dci(feats).shape

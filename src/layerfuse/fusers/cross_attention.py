@@ -27,26 +27,26 @@ class CrossAttentionFuser(DeepQueryFuser):
     The query layer Q (a deep, text-aligned ViT layer; MMFuser uses the penultimate block) attends to
     the tokens of the ``num_levels`` shallower layers F_l, concatenated. A learned per-level
     embedding E_l tells attention which layer a token came from, and a fixed 2-D sine-cosine code
-    P (:func:`layerfuse.layers.sincos_2d`, in image-relative coordinates so grids of different size
+    P ([`layerfuse.layers.sincos_2d`][layerfuse.layers.sincos_2d], in image-relative coordinates so grids of different size
     align) tells it where. Pre-norm blocks, each added back through a zero-initialised layer-scale:
 
-    .. code-block:: text
-
-        kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
-        x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
-        x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
-        x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```text
+    kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
+    x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
+    x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
+    x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```
 
     With ``layer_scale_init=0`` the output equals the query exactly at initialisation, so a pretrained
-    single-layer projector keeps working. Attention runs on :func:`layerfuse.ops.attention.attention`
+    single-layer projector keeps working. Attention runs on [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]
     (PyTorch SDPA's fused kernels by default), so the (N, L·N) attention matrix is never stored.
 
     With ``window=w`` each query attends only to the ``w × w`` tokens of each level around its own
     position (Cambrian SVA's spatial prior; the query grid is laid over each level's grid, see
-    :func:`layerfuse.ops.attention.windowed_attention`), and the optional self-attention to the
+    [`layerfuse.ops.attention.windowed_attention`][layerfuse.ops.attention.windowed_attention]), and the optional self-attention to the
     ``w × w`` neighbourhood in the query grid. Time and memory then grow linearly with the number of
     tokens, and the result equals full attention under the explicit
-    :func:`~layerfuse.ops.attention.window_mask`.
+    [`window_mask`][layerfuse.ops.attention.window_mask].
 
     Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``fc1``, ``fc2``) avoid the LLM projection
     names that LoRA targets by suffix (``q_proj``, ``v_proj``, ``o_proj``, ...).
@@ -71,14 +71,14 @@ class CrossAttentionFuser(DeepQueryFuser):
         attn_drop: attention-weight dropout in training mode. Default: ``0.0``
         eps: epsilon of the LayerNorms. Default: ``1e-6``
         layer_scale_init: initial value of every layer-scale. Default: ``0.0``
-        backend: attention backend (see :func:`layerfuse.ops.attention.attention`). Default: ``"auto"``
+        backend: attention backend (see [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]). Default: ``"auto"``
 
     Shape:
         - features: ``num_levels + 1`` tensors (B, N_i, C), patch tokens only, row-major on their
           grids; the query has N = H·W tokens
         - output: (B, N, C), the shape of the query
 
-    Example:
+    Examples:
         >>> fuser = CrossAttentionFuser(1024, num_levels=4, heads=16, grid=(24, 24))
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(5)]  # layers -22, -17, -12, -7, -2
         >>> out = fuser(feats)
@@ -204,8 +204,8 @@ class CrossAttentionFuser(DeepQueryFuser):
 
         Args:
             features: ``num_levels + 1`` tensors (B, N_i, C): the key/value levels in order, with the
-                query at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
-                :class:`~layerfuse.LayerTap` carries its grid.
+                query at ``query_index`` (by default last). A [`LayerFeatures`][layerfuse.LayerFeatures] from
+                [`LayerTap`][layerfuse.LayerTap] carries its grid.
             grid: (H, W) of the query tokens, and of every level unless ``level_grids`` is given.
                 Default: ``features.grid``, else the grid the module was built with. Needed for
                 ``window`` and ``pos_embed``; without both, token counts are free.

@@ -63,7 +63,7 @@ class TokenConcatFuser(Fuser):
         - output: (B, N + (num_inputs - 1) * P, C), with P = N // window (1-D) or
           (H // kh) * (W // kw) (2-D)
 
-    Example:
+    Examples:
         >>> sti = TokenConcatFuser(1024, 3)  # Dense Connector STI: [L23, pool8(L7), pool8(L15)]
         >>> sti([torch.randn(2, 576, 1024) for _ in range(3)]).shape
         torch.Size([2, 720, 1024])

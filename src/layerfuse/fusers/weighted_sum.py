@@ -69,7 +69,7 @@ class WeightedSumFuser(Fuser):
         - features: ``num_inputs`` tensors (B, N, C); output: (B, N, C), or (B, N, layer_proj_dim)
           with ``layer_proj``
 
-    Example:
+    Examples:
         >>> comm_clip = WeightedSumFuser(1024, 24, normalize="none", layer_proj=True)
         >>> comm_clip([torch.randn(2, 576, 1024) for _ in range(24)]).shape
         torch.Size([2, 576, 1024])

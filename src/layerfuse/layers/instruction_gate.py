@@ -23,7 +23,7 @@ class GateAttention(nn.Module):
     that order), heads attend with scaled dot products, and ``out_proj`` mixes the heads. The state
     dict is that of ``nn.MultiheadAttention(dim, num_heads, batch_first=True)`` (``in_proj_weight``,
     ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``). The attention itself is
-    :func:`layerfuse.ops.attention.attention` (float32 softmax under bf16/fp16). No mask, no dropout.
+    [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention] (float32 softmax under bf16/fp16). No mask, no dropout.
 
     Args:
         dim: model width c (query, key and value width).
@@ -32,7 +32,7 @@ class GateAttention(nn.Module):
     Shape:
         - query: (B, Q, c); key_value: (B, K, c); output: (B, Q, c)
 
-    Example:
+    Examples:
         >>> attn = GateAttention(1024, 4)
         >>> attn(torch.randn(2, 1, 1024), torch.randn(2, 4, 1024)).shape
         torch.Size([2, 1, 1024])
@@ -128,7 +128,7 @@ class InstructionGate(nn.Module):
     r"""Softmax weights over K layer groups, chosen by an instruction embedding (IGVA's aggregator).
 
     The instruction embedding, projected to width ``dim`` by ``sentence_proj``, is the single query of
-    ``num_blocks`` post-norm cross-attention blocks (:class:`GateBlock`) whose keys and values are the K
+    ``num_blocks`` post-norm cross-attention blocks (`GateBlock`) whose keys and values are the K
     group summaries projected by ``cls_proj`` (the same keys for every block). ``linear`` maps the final
     query to K logits and a softmax, computed in float32 (float64 stays float64), gives the weights.
 
@@ -154,7 +154,7 @@ class InstructionGate(nn.Module):
         - text: (B, E); summaries: (B, K, C); output: (B, K) in float32 (float64 for float64 inputs),
           rows summing to 1
 
-    Example:
+    Examples:
         >>> gate = InstructionGate(768, 1024, 4)
         >>> gate(torch.randn(2, 768), torch.randn(2, 4, 1024)).sum(-1)
         tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)

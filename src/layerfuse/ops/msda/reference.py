@@ -5,7 +5,7 @@ level followed by a weighted sum, the L·P·4 corners of one (batch, query, head
 rows of the flat (B·S·M, D) value table, each with weight (bilinear weight) × (inside the map) ×
 (attention weight). ``F.embedding_bag(mode="sum", per_sample_weights=...)`` forms the weighted sum
 without materialising the gathered rows, for all levels at once whatever their grids. The backward
-is written by hand (:class:`DeformableSampling`). On a 2-core CPU at LLaVA-1.5 scale (4 levels of
+is written by hand (`DeformableSampling`). On a 2-core CPU at LLaVA-1.5 scale (4 levels of
 24x24, 576 queries, 16 heads of 64, 4 points, batch 2) it measured 3.3x faster forward and 3.9x
 faster forward+backward than the per-level ``grid_sample`` formulation, with 0.4x of its peak memory
 (``benchmarks/deform_attn.py``).
@@ -50,7 +50,7 @@ class DeformableSampling(torch.autograd.Function):
       ``embedding_bag`` over those variable-size bags sums ``grad_out[n] · weight[n, k]`` into every
       row (ATen's own embedding-bag table gradient sorts and scatters through several more passes).
     - corner weights: one dot product ``grad_out[n] · table[rows[n, k]]`` per entry
-      (:func:`_corner_dots`), never gathering a K×D block per bag.
+      (`_corner_dots`), never gathering a K×D block per bag.
     - locations and attention weights: the product rule on the bilinear weights, in closed form.
 
     Differentiating the backward (``create_graph=True``: gradient penalties, Hessian-vector
@@ -248,7 +248,7 @@ def ms_deform_attn_pytorch(
 ) -> Tensor:
     """Deformable sampling of ``value`` at ``sampling_locations``, summed with ``attention_weights``.
 
-    Inputs are assumed validated (see :func:`layerfuse.ops.ms_deform_attn`); ``spatial_shapes`` holds
+    Inputs are assumed validated (see [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]); ``spatial_shapes`` holds
     python ints, so ``torch.compile`` sees them as constants. Runs in float32 (float64 for float64
     inputs) and returns (B, Nq, M·D) in ``value.dtype``.
     """
@@ -266,7 +266,7 @@ def ms_deform_attn_pytorch(
 
 
 class PyTorchBackend(MSDABackend):
-    """:func:`ms_deform_attn_pytorch`: every device and floating dtype, compiles, differentiable."""
+    """`ms_deform_attn_pytorch`: every device and floating dtype, compiles, differentiable."""
 
     name = "pytorch"
     SUPPORTED_DEVICES = None
