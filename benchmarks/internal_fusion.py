@@ -34,6 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from harness import base_parser, devices_from, measure, print_table, write_json
 from layerfuse.internal import DeepStack, InternalDirect, InternalModular, lin_layer_map
+from layerfuse.internal.base import image_positions
 
 
 def build_llm(width: int, layers: int, heads: int, vocab: int, device: torch.device, dtype: torch.dtype):
@@ -199,9 +200,10 @@ def flops_only(args) -> None:
     for name, fusion in fusions.items():
         per_token = 4 if isinstance(fusion, DeepStack) else 1
         fusion.attach(llm)
-        # the image-token positions come from a CPU mask; the levels themselves stay shape-only
-        fusion.set_inputs([torch.zeros(image_tokens * per_token, c) for _ in fusion.fused_layers], mask)
-        fusion._inputs.levels = [level.to(meta) for level in fusion._inputs.levels]
+        # set_inputs needs real mask values (nonzero); build the positions from a CPU mask and keep the
+        # levels shape-only on the meta device
+        fusion._inputs = image_positions(
+            [torch.zeros(image_tokens * per_token, c, device=meta) for _ in fusion.fused_layers], mask)
         modules = fusion.mergers if isinstance(fusion, DeepStack) else fusion.projectors
         for mode in ("prefill", "train"):
             fused = count(step(mode))

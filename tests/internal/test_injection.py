@@ -216,8 +216,10 @@ def test_bad_inputs_give_clear_errors():
     fusion = InternalDirect(16, 32, [0, 2]).attach(llm)
     with pytest.raises(ValueError, match=r"features\[1\] has 13 tokens, expected 14 .*per sample \[0, 4, 10\]"):
         fusion.set_inputs([torch.randn(14, 16), torch.randn(13, 16)], mask)
-    with pytest.raises(TypeError, match=r"features\[0\] expected a floating-point tensor, got torch.int64"):
+    with pytest.raises(TypeError, match=r"features\[0\] expected a floating-point tensor, got dtype torch.int64"):
         fusion.set_inputs([torch.zeros(14, 16, dtype=torch.long), torch.randn(14, 16)], mask)
+    with pytest.raises(TypeError, match=r"features\[1\] has dtype torch.float64 but the module's parameters are"):
+        fusion.set_inputs([torch.randn(14, 16), torch.randn(14, 16, dtype=torch.float64)], mask)
     with pytest.raises(ValueError, match="expected 2 levels"):
         fusion.set_inputs([torch.randn(14, 16)], mask)
     with pytest.raises(TypeError, match=r"image_token_mask expected dtype torch\.bool"):

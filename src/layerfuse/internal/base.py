@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from .._checks import check_index_list, check_module_inputs
 from ..serialization import PretrainedMixin
 
 __all__ = ["DECODER_LAYER_PATHS", "InternalFusion", "find_decoder_layers"]
@@ -151,6 +152,15 @@ def _output_hidden(output: Any) -> Tensor:
     return output[0] if isinstance(output, tuple) else output
 
 
+def image_positions(levels: list[Tensor], image_token_mask: Tensor) -> _Inputs:
+    """Where each row of the (already checked) flattened levels goes: sample, position, rank in sample."""
+    counts = image_token_mask.sum(dim=1)
+    batch_index, token_index = image_token_mask.nonzero(as_tuple=True)
+    offsets = torch.cumsum(counts, 0) - counts
+    slot_index = torch.arange(int(counts.sum()), device=image_token_mask.device) - offsets[batch_index]
+    return _Inputs(levels, image_token_mask, batch_index, token_index, slot_index, counts.tolist())
+
+
 def add_at_image_tokens(hidden: Tensor, inputs: _Inputs, values: Tensor) -> Tensor:
     """``hidden`` with ``values`` (T, H) added at the image-token positions; every other element is
     returned unchanged bit for bit (out of place, so a checkpointed input is never modified)."""
@@ -212,15 +222,9 @@ class InternalFusion(PretrainedMixin, nn.Module):
 
     def __init__(self, fused_layers: Sequence[int], *, where: str) -> None:
         super().__init__()
-        if isinstance(fused_layers, (str, bytes)) or not isinstance(fused_layers, Sequence) or not fused_layers:
-            raise TypeError(
-                f"{where}: fused_layers expected a non-empty sequence of decoder-layer indices, got {fused_layers!r}"
-            )
-        for j in fused_layers:
-            if isinstance(j, bool) or not isinstance(j, int) or j < 0:
-                raise ValueError(
-                    f"{where}: fused_layers expected decoder-layer indices >= 0 (ints), got {list(fused_layers)!r}"
-                )
+        fused_layers = check_index_list(where, "fused_layers", fused_layers)
+        if any(j < 0 for j in fused_layers):
+            raise ValueError(f"{where}: fused_layers expected decoder-layer indices >= 0, got {list(fused_layers)}")
         self.fused_layers = tuple(fused_layers)
         self._handles: list[RemovableHandle] = []
         self._inputs: _Inputs | None = None
@@ -335,9 +339,10 @@ class InternalFusion(PretrainedMixin, nn.Module):
             image_token_mask: (B, L) bool, ``True`` at the image tokens of the prefill sequence.
 
         Raises:
-            TypeError: wrong types.
-            ValueError: wrong number of levels, or a level whose row count does not match the number
-                of image tokens in the mask.
+            TypeError: wrong types; a level that is not floating point, or whose dtype is not the
+                fusion's (outside autocast).
+            ValueError: wrong number of levels, a level on another device than the fusion or the mask,
+                or a level whose row count does not match the number of image tokens in the mask.
         """
         where = f"{type(self).__name__}.set_inputs"
         if not isinstance(image_token_mask, Tensor) or image_token_mask.ndim != 2:
@@ -355,9 +360,8 @@ class InternalFusion(PretrainedMixin, nn.Module):
                 f"{list(self.fused_layers)}), got {len(features)}"
             )
         levels = [_flatten_level(where, i, level) for i, level in enumerate(features)]
+        check_module_inputs(where, self, features=levels)
         for i, level in enumerate(levels):
-            if not level.is_floating_point():
-                raise TypeError(f"{where}: features[{i}] expected a floating-point tensor, got {level.dtype}")
             if level.device != image_token_mask.device:
                 raise ValueError(
                     f"{where}: features[{i}] is on {level.device}, image_token_mask on {image_token_mask.device}; "
@@ -372,10 +376,7 @@ class InternalFusion(PretrainedMixin, nn.Module):
                     f"{where}: features[{i}] has {level.shape[0]} tokens, expected {expected} for the {total} image "
                     f"tokens of image_token_mask (per sample {counts.tolist()})"
                 )
-        batch_index, token_index = image_token_mask.nonzero(as_tuple=True)
-        offsets = torch.cumsum(counts, 0) - counts
-        slot_index = torch.arange(total, device=image_token_mask.device) - offsets[batch_index]
-        self._inputs = _Inputs(levels, image_token_mask, batch_index, token_index, slot_index, counts.tolist())
+        self._inputs = image_positions(levels, image_token_mask)
 
     def clear_inputs(self) -> None:
         """Forget the held features; later LLM calls run without injection.

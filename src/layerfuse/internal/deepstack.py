@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from .._checks import check_grid, check_positive_int
+from .._checks import check_grid, check_positive_int, factory_kwargs
 from ..layers.projector import Projector
 from .base import InternalFusion
 from .layer_maps import deepstack_layer_map
@@ -93,7 +93,7 @@ class PatchMerger(nn.Module):
         check_positive_int(where, "in_dim", in_dim)
         check_positive_int(where, "out_dim", out_dim)
         check_positive_int(where, "merge_size", merge_size)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.in_dim, self.out_dim, self.merge_size = in_dim, out_dim, merge_size
         width = in_dim * merge_size**2
         self.norm = nn.LayerNorm(width, eps=eps, **dd)
@@ -167,7 +167,7 @@ class DeepStack(InternalFusion):
         check_positive_int(where, "in_dim", in_dim)
         check_positive_int(where, "hidden_size", hidden_size)
         check_positive_int(where, "merge_size", merge_size)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.in_dim, self.hidden_size, self.num_levels = in_dim, hidden_size, num_levels
         self.projector_kind, self.merge_size = projector, merge_size
         if projector == "patch_merger":

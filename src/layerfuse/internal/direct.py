@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .._checks import check_positive_int
+from .._checks import check_positive_int, factory_kwargs
 from ..layers.projector import Projector
 from .base import InternalFusion
 
@@ -76,7 +76,7 @@ class InternalDirect(InternalFusion):
         super().__init__(fused_layers, where=where)
         check_positive_int(where, "in_dim", in_dim)
         check_positive_int(where, "hidden_size", hidden_size)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.in_dim, self.hidden_size, self.projector_kind = in_dim, hidden_size, projector
         self.projectors = nn.ModuleList(Projector(projector, in_dim, hidden_size, **dd) for _ in self.fused_layers)
         self.input_projector = None if input_projector is None else Projector(input_projector, in_dim, hidden_size, **dd)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.hooks import RemovableHandle
 
-from .._checks import check_choice, check_positive_int
+from .._checks import check_choice, check_float, check_positive_int, factory_kwargs
 from ..layers.projector import Projector
 from .base import InternalFusion, _hidden_of, _output_hidden, _replace_output, _with_hidden
 
@@ -147,7 +147,7 @@ class GatedCrossAttentionBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs("GatedCrossAttentionBlock", device, dtype)
         self.mode = mode
         if mode == "corrected":
             self.attn_norm = _RMSNorm(hidden_size, eps, **dd)
@@ -262,9 +262,8 @@ class InternalModular(InternalFusion):
                 raise ValueError(f"{where}: hidden_size {hidden_size} is not divisible by num_heads {num_heads}; pass head_dim")
             head_dim = hidden_size // num_heads
         check_positive_int(where, "head_dim", head_dim)
-        if not isinstance(eps, float) or not eps > 0:
-            raise ValueError(f"{where}: eps expected a positive float, got {eps!r}")
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.in_dim, self.hidden_size, self.mode = in_dim, hidden_size, mode
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
         self.intermediate_size, self.eps = intermediate_size, eps
