@@ -36,3 +36,8 @@ __all__ = [
     "build_projector",
     "from_official",
 ]
+
+from .integrations._autoregister import install as _install_auto_classes  # noqa: E402
+
+# fused LLaVA checkpoints load through transformers' Auto classes once layerfuse is imported
+_install_auto_classes()
