@@ -37,7 +37,7 @@ __all__ = [
     "from_official",
 ]
 
-from .integrations._autoregister import install as _install_auto_classes  # noqa: E402
+from .integrations._autoregister import install as _install_auto_classes
 
 # fused LLaVA checkpoints load through transformers' Auto classes once layerfuse is imported
 _install_auto_classes()

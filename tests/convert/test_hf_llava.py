@@ -141,7 +141,7 @@ def test_siglip_export_reads_the_prefix_tokens_from_the_tower_and_equals_the_pip
 
 def test_an_export_without_a_known_prefix_count_or_for_another_tower_is_refused():
     module = _module((1, 3))
-    with pytest.raises(ValueError, match="pass vision_tower= .* or vision_prefix_tokens="):
+    with pytest.raises(ValueError, match=r"pass vision_tower= .* or vision_prefix_tokens="):
         to_hf_llava(module)
     siglip = _siglip_llava(vision_feature_layer=[1, 3])
     with pytest.raises(ValueError, match=r"vision_prefix_tokens=1 but SiglipVisionModel has 0"):

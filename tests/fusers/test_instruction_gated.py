@@ -6,8 +6,8 @@ from torch import nn
 
 from fixture_utils import assert_fixture_close, load_fixture
 from layerfuse import FusionProjector, InstructionGatedFuser, LayerFeatures, Projector, from_official
-from layerfuse.fusers.instruction_gated import IGVA_GROUPS, gate_entropy_loss
 from layerfuse.convert.igva import gate_key_to_official
+from layerfuse.fusers.instruction_gated import IGVA_GROUPS, gate_entropy_loss
 from layerfuse.layers.instruction_gate import GateAttention, InstructionGate
 
 SMALL_GROUPS = [[1, 2], [3, 4, 5], [6]]

@@ -8,6 +8,7 @@ finishes importing, whenever that happens.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.abc
 import importlib.util
 import sys
@@ -30,12 +31,10 @@ class _Loader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self.loader.exec_module(module)
-        try:
+        # a transformers without the LLaVA classes must still import; using the integration then
+        # raises the same ImportError with its cause
+        with contextlib.suppress(ImportError):
             _register()
-        except ImportError:
-            # a transformers without the LLaVA classes must still import; using the integration then
-            # raises the same ImportError with its cause
-            pass
 
 
 class _AfterTransformersImport(importlib.abc.MetaPathFinder):

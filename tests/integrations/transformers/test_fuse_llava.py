@@ -90,7 +90,8 @@ def test_generate_runs_the_fusion_once_at_prefill_with_the_kv_cache():
         sampled = model.generate(input_ids=ids, pixel_values=pixel_values, max_new_tokens=5, do_sample=True,
                                  top_k=5, pad_token_id=PAD, eos_token_id=None)
     handle.remove()
-    assert len(calls) == 2 and sampled.shape == (2, ids.shape[1] + 5)
+    assert len(calls) == 2
+    assert sampled.shape == (2, ids.shape[1] + 5)
 
 
 def test_batched_left_padded_generate_equals_each_prompt_alone():

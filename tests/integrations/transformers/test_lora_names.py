@@ -85,7 +85,8 @@ def test_llava_find_all_linear_names_recipe_never_wraps_a_fusion_module(fusion):
     names = integration.llm_linear_names(model)
     assert {"fc1", "fc2", "out_proj", "q_proj"} <= set(names)
     wrapped = lora_wrapped(peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=names)))
-    assert wrapped and not any("multi_modal_projector" in n for n in wrapped)
+    assert wrapped
+    assert not any("multi_modal_projector" in n for n in wrapped)
 
 
 def test_all_linear_with_the_exported_fusion_modules_never_wraps_a_fusion_module():
@@ -93,9 +94,11 @@ def test_all_linear_with_the_exported_fusion_modules_never_wraps_a_fusion_module
     config = peft.LoraConfig(r=2, target_modules="all-linear", modules_to_save=list(integration.FUSION_MODULES))
     wrapped_model = peft.get_peft_model(model, config)
     wrapped = lora_wrapped(wrapped_model)
-    assert wrapped and not any("multi_modal_projector" in n for n in wrapped)
+    assert wrapped
+    assert not any("multi_modal_projector" in n for n in wrapped)
     trained = {n for n, p in wrapped_model.named_parameters() if p.requires_grad and "multi_modal_projector" in n}
-    assert trained and all(".modules_to_save.default." in n for n in trained)
+    assert trained
+    assert all(".modules_to_save.default." in n for n in trained)
     # the adapter checkpoint carries the fusion weights
     state = peft.get_peft_model_state_dict(wrapped_model)
     assert any("multi_modal_projector" in k for k in state)

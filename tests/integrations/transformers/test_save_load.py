@@ -92,4 +92,5 @@ def test_a_fused_model_built_from_its_config_keeps_the_fusers_own_initialisation
     fresh = integration.LayerfuseLlavaForConditionalGeneration(config)
     # CrossAttentionFuser starts as the identity on its query layer: zero layer scales
     scales = [p for n, p in fresh.model.multi_modal_projector.fuser.named_parameters() if n.startswith("ls_")]
-    assert scales and all(torch.count_nonzero(p) == 0 for p in scales)
+    assert scales
+    assert all(torch.count_nonzero(p) == 0 for p in scales)

@@ -90,10 +90,12 @@ def test_stage_1_then_stage_2_with_lora_train_only_what_they_should(tmp_path):
     lora_names = {n for n in moved if ".lora_" in n}
     fusion_names = {n for n in moved if ".modules_to_save.default." in n}
     assert moved == lora_names | fusion_names
-    assert lora_names and all("language_model" in n for n in lora_names)
+    assert lora_names
+    assert all("language_model" in n for n in lora_names)
     assert len(fusion_names) == len(fusion) == len(list(module.parameters()))
     wrapped = {n for n, m in stage2.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
-    assert wrapped and not any("multi_modal_projector" in n or "vision_tower" in n for n in wrapped)
+    assert wrapped
+    assert not any("multi_modal_projector" in n or "vision_tower" in n for n in wrapped)
 
 
 def test_stage_2_without_lora_trains_the_llm_and_the_fusion_but_not_the_tower():
