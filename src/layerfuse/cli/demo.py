@@ -29,6 +29,7 @@ from ..fusers import (
 from ..layers import Projector
 from ..presets import build_fusion_projector
 from ..taps import LayerTap
+from .demo_hf import hf_step
 from .demo_vit import DemoViT
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
@@ -176,7 +177,7 @@ def fuse_step(ctx: DemoContext) -> Table:
     return Table(f"Fusers + LLaVA projector (mlp2x_gelu to {ctx.args.llm_dim})", header, rows, notes)
 
 
-STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step)]
+STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step), DemoStep("hf", hf_step)]
 
 
 def register(subparsers: Any) -> None:
