@@ -1,8 +1,16 @@
 """Layerfuse fusion projectors inside Hugging Face LLaVA models (needs ``pip install 'layerfuse[hf]'``)."""
 
+import inspect
+
 from ..._optional import require
 
-require("transformers", extra="hf", purpose="layerfuse.integrations.transformers")
+_transformers = require("transformers", extra="hf", purpose="layerfuse.integrations.transformers")
+# the fused models hand the image features to the stock forward through `mm_encoder_outputs`
+if "mm_encoder_outputs" not in inspect.signature(_transformers.LlavaForConditionalGeneration.forward).parameters:
+    raise ImportError(
+        "layerfuse.integrations.transformers needs a transformers whose LLaVA forward takes mm_encoder_outputs "
+        f"(transformers 5, tested with 5.24); installed: {_transformers.__version__}"
+    )
 
 from .collator import InstructionCollator, user_turn  # noqa: E402
 from .fuse import fuse_llava  # noqa: E402
