@@ -137,7 +137,7 @@ class InstructionGate(nn.Module):
     Parameter names equal the authors' ``vision_aggregator`` keys (``sentence_proj``, ``cls_proj``,
     ``transformers.{t}.cross_attention.in_proj_weight``, ``ffn.{0,2}``, ``norm1``, ``norm2``,
     ``linear``) except ``cross_attention.out_proj``, named ``cross_attention.mix_heads`` here (see
-    [`GateAttention`][layerfuse.layers.instruction_gate.GateAttention]);
+    `GateAttention`);
     [`from_official`][layerfuse.from_official] renames it.
 
     Args:

@@ -53,7 +53,7 @@ def fuse_llava(model: nn.Module, module: FusionProjector) -> nn.Module:
             (anyres: every crop goes through the tap and the fuser) or
             ``LlavaOnevisionForConditionalGeneration``, or an already fused model (its fusion projector is
             replaced).
-        module: a [`FusionProjector`][layerfuse.FusionProjector] (from ``build_fusion_projector``,
+        module: a `FusionProjector` (from ``build_fusion_projector``,
             ``from_official`` or built by hand) whose fuser widths equal the tower's hidden size and whose
             projector output equals the LLM's hidden size. It must be on the model's device.
 

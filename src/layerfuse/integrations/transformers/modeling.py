@@ -227,6 +227,7 @@ class LayerfuseLlavaModel(_FusedImageFeatures, LlavaModel):
 
     config_class = LayerfuseLlavaConfig
     config: LayerfuseLlavaConfig
+    _image_feature_args = ("image_sizes",)
 
     def __init__(self, config: LayerfuseLlavaConfig) -> None:
         super().__init__(config)
@@ -259,6 +260,7 @@ class LayerfuseLlavaForConditionalGeneration(_FusedImageFeatures, LlavaForCondit
 
     config_class = LayerfuseLlavaConfig
     config: LayerfuseLlavaConfig
+    _image_feature_args = ("image_sizes",)
 
     def __init__(self, config: LayerfuseLlavaConfig) -> None:
         super().__init__(config)

@@ -49,7 +49,7 @@ def fusion_parameters(model: nn.Module) -> list[nn.Parameter]:
     Works on a fused model and on its PEFT wrapper (the trained ``modules_to_save`` copy).
 
     Raises:
-        ValueError: the model holds no [`FusionProjector`][layerfuse.FusionProjector].
+        ValueError: the model holds no `FusionProjector`.
     """
     seen: dict[int, nn.Parameter] = {}
     for module in _fusion_modules("fusion_parameters", model):
