@@ -137,8 +137,7 @@ class InstructionGate(nn.Module):
     Parameter names equal the authors' ``vision_aggregator`` keys (``sentence_proj``, ``cls_proj``,
     ``transformers.{t}.cross_attention.in_proj_weight``, ``ffn.{0,2}``, ``norm1``, ``norm2``,
     ``linear``) except ``cross_attention.out_proj``, named ``cross_attention.mix_heads`` here (see
-    `GateAttention`);
-    [`from_official`][layerfuse.from_official] renames it.
+    ``GateAttention``); [`from_official`][layerfuse.from_official] renames it.
 
     Args:
         text_dim: width E of the instruction embedding (768 for ``all-mpnet-base-v2``).

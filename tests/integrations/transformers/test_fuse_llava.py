@@ -173,3 +173,12 @@ def test_siglip_tower_without_cls():
         got = torch.stack(model.get_image_features(pixel_values=pixel_values).pooler_output)
         assert torch.equal(got, reference_features(model, module, pixel_values, extra))
     assert got.shape[1] == 16
+
+
+def test_fusing_a_fused_model_replaces_its_fusion_projector():
+    first, _ = fused("concat")
+    module = hf_tiny.fusion_projector("weighted_sum")
+    again = integration.fuse_llava(first, module)
+    assert again.model.multi_modal_projector is module
+    assert again.config.fusion == module.get_config()
+    assert again.model.language_model is first.model.language_model
