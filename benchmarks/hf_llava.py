@@ -81,7 +81,8 @@ def batch_for(model: Any, tokens: int, batch: int, s: dict[str, int], device: to
 def main() -> None:
     parser = base_parser(__doc__.splitlines()[0], default_json="hf_llava.json")
     parser.add_argument("--batch", type=int, default=1, help="images per step (default: 1)")
-    parser.add_argument("--only", default=None, help="run the fused cases whose name contains this text")
+    parser.add_argument("--only", default=None,
+                        help="comma-separated texts: run the fused cases whose name contains one of them")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,7 +96,7 @@ def main() -> None:
         stock = stock_llava(s, device, dtype)
         models: list[tuple[str, Any, bool]] = [(BASELINE, stock, False)]
         for name, build in fusion_cases(s).items():
-            if args.only and args.only not in name:
+            if args.only and not any(text in name for text in args.only.split(",")):
                 continue
             module = build().to(device=device, dtype=dtype)
             igva = isinstance(module.fuser, InstructionGatedFuser)
