@@ -23,8 +23,14 @@ def _register() -> None:
 
 
 class _Loader(importlib.abc.Loader):
+    """transformers' own loader, plus the registration once its module has run."""
+
     def __init__(self, loader: Any) -> None:
         self.loader = loader
+
+    def __getattr__(self, name: str) -> Any:
+        # get_source, get_resource_reader, ...: everything else is the wrapped loader's
+        return getattr(self.loader, name)
 
     def create_module(self, spec: Any) -> ModuleType | None:
         return self.loader.create_module(spec)
