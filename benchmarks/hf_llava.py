@@ -83,7 +83,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1, help="images per step (default: 1)")
     parser.add_argument("--only", default=None,
                         help="comma-separated texts: run the fused cases whose name contains one of them")
+    parser.add_argument("--modes", default="image features,prefill,train step",
+                        help="comma-separated rows to measure (default: all three)")
     args = parser.parse_args()
+    modes = set(args.modes.split(","))
     if args.threads:
         torch.set_num_threads(args.threads)
     repeats, warmup = (1, 1) if args.quick else (args.repeats, args.warmup)
@@ -113,13 +116,18 @@ def main() -> None:
             settings = {"batch": args.batch}
             model.eval()
             with torch.no_grad():
-                results.append(measure(lambda m=model, k=image_kwargs: m.get_image_features(**k), case=name,
-                                       device=device, dtype=dtype, mode="image features", warmup=warmup,
-                                       repeats=repeats, settings=settings))
+                if "image features" in modes:
+                    results.append(measure(lambda m=model, k=image_kwargs: m.get_image_features(**k), case=name,
+                                           device=device, dtype=dtype, mode="image features", warmup=warmup,
+                                           repeats=repeats, settings=settings))
                 prefill = {k: v for k, v in inputs.items() if k != "labels"}
-                results.append(measure(lambda m=model, k=prefill: m(**k, logits_to_keep=1), case=name,
-                                       device=device, dtype=dtype, mode="prefill", warmup=warmup,
-                                       repeats=repeats, settings=settings))
+                if "prefill" in modes:
+                    results.append(measure(lambda m=model, k=prefill: m(**k, logits_to_keep=1), case=name,
+                                           device=device, dtype=dtype, mode="prefill", warmup=warmup,
+                                           repeats=repeats, settings=settings))
+            if "train step" not in modes:
+                print(f"done: {name}", flush=True)
+                continue
             if model is stock:
                 stock.requires_grad_(False)
                 stock.model.multi_modal_projector.requires_grad_(True)
