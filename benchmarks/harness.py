@@ -27,7 +27,16 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-__all__ = ["Result", "base_parser", "devices_from", "environment", "measure", "print_table", "write_json"]
+__all__ = [
+    "Result",
+    "base_parser",
+    "devices_from",
+    "environment",
+    "measure",
+    "measure_interleaved",
+    "print_table",
+    "write_json",
+]
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -130,6 +139,48 @@ def measure(
         settings=settings or {},
         times_ms=times,
     )
+
+
+def measure_interleaved(
+    fns: dict[str, Callable[[], Any]],
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    mode: str,
+    warmup: int = 2,
+    repeats: int = 5,
+    settings: dict[str, Any] | None = None,
+) -> list[Result]:
+    """Like :func:`measure` for several cases whose ratio is wanted, timed in turns (A, B, A, B, ...).
+
+    On a shared machine the load drifts over minutes; timing the cases in alternation exposes each to
+    the same load, so their ratio is steadier than from back-to-back blocks of repeats.
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            _sync(device)
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return [
+        Result(
+            case=name,
+            device=device.type,
+            dtype=str(dtype).removeprefix("torch."),
+            mode=mode,
+            median_ms=statistics.median(times[name]),
+            peak_mib=_peak_extra_mib(fn, device),
+            repeats=repeats,
+            settings=settings or {},
+            times_ms=times[name],
+        )
+        for name, fn in fns.items()
+    ]
 
 
 def environment() -> dict[str, Any]:

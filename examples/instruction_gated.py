@@ -46,7 +46,7 @@ def main() -> None:
         # from the stage-1 uniform mean.
         fuser = InstructionGatedFuser(64, embedder.dim, gate_dim=64, zero_init_head=True)
         module = FusionProjector(fuser, Projector("mlp2x_gelu", fuser.out_dim, 96),
-                                 layers=fuser.layers, tokens="cls_patch")
+                                 layers=fuser.layers, tokens=fuser.tokens)
         print("fuser:", module.fuser.extra_repr(), "| layers:", module.layers)
 
         images = torch.randn(2, 3, 112, 112)

@@ -58,3 +58,22 @@ def border_locations(shapes: list[tuple[int, int]], *, batch: int, heads: int, p
         queries += [(x, y) for x in xs for y in ys]
     pts = torch.tensor(queries, dtype=torch.float64)  # (Nq, 2)
     return pts.view(1, -1, 1, 1, 1, 2).expand(batch, -1, heads, levels, points, 2).contiguous()
+
+
+def second_derivative_case() -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor]]:
+    """The smallest case whose second derivatives a non-differentiable backward gets wrong.
+
+    One 2x2 level holding [1, 2, 3, 5], one query, one head, one point at (0.4, 0.6) with weight
+    0.7. For penalty = ||d(out²)/d value||², returns (value, loc, attn) in float64 requiring grad and
+    the right (d penalty/d loc, d penalty/d attn) = ((-1.15413, 16.19666), (15.63349,)) to 5
+    decimals, from the closed form penalty = 4·out²·a²·Σ_k w_k² (out = a·Σ_k w_k·v_k, w_k the
+    bilinear weights) and central differences, which agree.
+    """
+    value = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64).view(1, 4, 1, 1).requires_grad_()
+    loc = torch.tensor([0.4, 0.6], dtype=torch.float64).view(1, 1, 1, 1, 1, 2).requires_grad_()
+    attn = torch.tensor([0.7], dtype=torch.float64).view(1, 1, 1, 1, 1).requires_grad_()
+    expected = (
+        torch.tensor([-1.15413, 16.19666], dtype=torch.float64),
+        torch.tensor([15.63349], dtype=torch.float64),
+    )
+    return value, loc, attn, expected

@@ -62,3 +62,13 @@ def test_load_strict_is_all_or_nothing():
     assert torch.equal(module.weight, before)
     load_strict(module, {"weight": torch.zeros(2, 3), "bias": torch.zeros(2)}, source="test")
     assert torch.count_nonzero(module.weight) == 0
+
+
+def test_saving_leaves_only_the_two_files_and_overwrites_in_place(tmp_path):
+    fuser = ConcatFuser([4, 4], norm=True)
+    fuser.save_pretrained(tmp_path)
+    with torch.no_grad():
+        fuser.norm.weight.fill_(2.0)
+    fuser.save_pretrained(tmp_path)  # written under a temporary name, then renamed over the old file
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert torch.equal(ConcatFuser.from_pretrained(tmp_path).norm.weight, torch.full((8,), 2.0))

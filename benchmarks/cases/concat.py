@@ -15,10 +15,10 @@ from . import FuserCase, llava_features
 
 def _preset(name: str):
     def build(device: torch.device, dtype: torch.dtype, quick: bool) -> tuple[nn.Module, list[Tensor], dict[str, Any]]:
-        num_inputs = len(preset_plan(name).layers)
+        num_inputs = len(preset_plan(name, depth=24).layers)
         # quick features have 20 tokens, fewer than 3 pool-8 windows; that is still a valid input
         features, scale = llava_features(num_inputs, device=device, dtype=dtype, quick=quick)
-        module = build_fusion_projector(name, dim=scale["dim"], llm_dim=scale["llm"], device=device, dtype=dtype)
+        module = build_fusion_projector(name, dim=scale["dim"], llm_dim=scale["llm"], depth=24, device=device, dtype=dtype)
         return module, features, {}
 
     return build

@@ -88,9 +88,9 @@ def test_drop_first_token():
 
 def test_clip_and_siglip_shapes():
     clip = torch.randn(1, 576, 1024)
-    dci = ConcatFuser.from_preset("dense_connector_dci", dim=1024)
+    dci = ConcatFuser.from_preset("dense_connector_dci", dim=1024, depth=24)
     assert dci([clip] * dci.num_inputs).shape == (1, 576, 3072)
-    sci = ConcatFuser.from_preset("dense_connector_sci", dim=1024)
+    sci = ConcatFuser.from_preset("dense_connector_sci", dim=1024, depth=24)
     assert sci([clip] * 3).shape == (1, 576, 3072)
     siglip = torch.randn(1, 729, 1152)
     dci_s = ConcatFuser.from_preset("dense_connector_dci", dim=1152, depth=27)
@@ -124,7 +124,7 @@ def test_construction_errors():
     with pytest.raises(TypeError, match="terms expected a non-empty sequence"):
         ConcatFuser([4], terms=[])
     with pytest.raises(TypeError, match="preset 'dense_connector_sti' builds a TokenConcatFuser"):
-        ConcatFuser.from_preset("dense_connector_sti", dim=8)
+        ConcatFuser.from_preset("dense_connector_sti", dim=8, depth=24)
 
 
 def test_forward_errors():

@@ -295,7 +295,7 @@ def test_bad_forward_inputs():
     with pytest.raises(ValueError, match=where + r"has_cls=True expects a CLS token followed by patch tokens, "
                                                r"got 1 token\(s\)"):
         fuser([f[:, :1] for f in feats], text=text)
-    with pytest.raises(TypeError, match=where + r"features have dtype torch.float64 but the module's parameters "
+    with pytest.raises(TypeError, match=where + r"features\[0\] has dtype torch.float64 but the module's parameters "
                                               r"are torch.float32"):
         fuser([f.double() for f in feats], text=text.double())
     with pytest.raises(ValueError, match=r"InstructionGatedFuser.forward: text must be None for a fuser built with "

@@ -137,7 +137,9 @@ def test_grid_resolution_order():
     from_tap = fuser(tapped)
     assert not torch.allclose(from_default, from_tap)
     torch.testing.assert_close(from_tap, fuser(feats, grid=(4, 3)))
-    torch.testing.assert_close(fuser(tapped, grid=(3, 4)), from_default)  # explicit grid wins
+    torch.testing.assert_close(fuser(tapped, grid=(4, 3)), from_tap)  # an explicit grid that agrees is fine
+    with pytest.raises(ValueError, match=r"grid=\(3, 4\) contradicts the grid the features carry \(features.grid=\(4, 3\)"):
+        fuser(tapped, grid=(3, 4))  # never silently preferred over the tap's grid
 
 
 def test_query_index_names_the_query_layer():
@@ -211,6 +213,28 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda *xs: fuser(list(xs)), feats, eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+def test_gradgradcheck_float64():
+    fuser = perturbed(MMFuser(6, num_levels=1, heads=3, points=1, grid=(2, 2), dtype=torch.float64), scale=0.5)
+    feats = [torch.randn(1, 4, 6, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    assert torch.autograd.gradgradcheck(lambda *xs: fuser(list(xs)), feats, eps=1e-6, atol=1e-5, fast_mode=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("heads", [1, 3])
+def test_non_finite_features_propagate_like_the_grid_sample_oracle(heads, bad):
+    # Odd head counts crashed with an index error when a sampling location became NaN.
+    fuser = perturbed(MMFuser(6, num_levels=2, heads=heads, points=2, dtype=torch.float64))
+    values = [torch.randn(2, 12, 6, dtype=torch.float64) for _ in range(2)]
+    query = torch.randn(2, 12, 6, dtype=torch.float64)
+    query[1, 5, 2] = bad
+    out = fuser([*values, query], grid=(3, 4))
+    with torch.no_grad():
+        expected = oracle_mmfuser(fuser, values, query, (3, 4), [(3, 4)] * 2)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
+    assert out[1, 5].isnan().all()
+    assert torch.isfinite(out[0]).all()
+
+
 def test_save_and_load_round_trip(tmp_path):
     fuser = perturbed(MMFuser(16, num_levels=2, heads=2, points=3, query_index=0, grid=(2, 5), eps=1e-5))
     module = PipelineFusionProjector(fuser, Projector("mlp2x_gelu", 16, 24), layers=[-2, -22, -12])
@@ -256,7 +280,7 @@ def test_bad_inputs():
         fuser(feats, grid=(2, 3), level_grids=[(2, 3)])
     with pytest.raises(ValueError, match=where + r": level grid \(1, 3\) = 3 tokens does not fit features\[1\] with 6"):
         fuser(feats, grid=(2, 3), level_grids=[(2, 3), (1, 3)])
-    with pytest.raises(TypeError, match=where + r": features have dtype torch.float64 but the module's parameters"):
+    with pytest.raises(TypeError, match=where + r": features\[0\] has dtype torch.float64 but the module's parameters"):
         fuser([f.double() for f in feats], grid=(2, 3))
     with pytest.raises(TypeError, match=where + r": features expected a sequence"):
         fuser(torch.stack(feats), grid=(2, 3))

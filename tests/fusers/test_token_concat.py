@@ -42,14 +42,16 @@ def test_2d_grid_sources():
     assert default(list(feats)).shape == (1, 12 + 2, 4)
     with pytest.raises(ValueError, match="cannot tell the patch grid of 12 tokens"):
         fuser(list(feats))
-    with pytest.raises(ValueError, match=r"grid is \(2, 5\) = 10 tokens but the input has 12 tokens"):
+    with pytest.raises(ValueError, match=r"grid \(2, 5\) = 10 tokens does not fit the features' 12 patch tokens"):
         fuser(list(feats), grid=(2, 5))
+    with pytest.raises(ValueError, match=r"grid=\(4, 3\) contradicts the grid the features carry"):
+        fuser(feats, grid=(4, 3))  # an explicit grid never silently overrides the tap's
     with pytest.raises(ValueError, match=r"grid \(1, 12\) is smaller than the pooling window \(2, 2\)"):
         fuser(list(feats), grid=(1, 12))
 
 
 def test_clip_and_siglip_shapes():
-    sti = TokenConcatFuser.from_preset("dense_connector_sti", dim=1024)
+    sti = TokenConcatFuser.from_preset("dense_connector_sti", dim=1024, depth=24)
     assert sti([torch.randn(1, 576, 1024)] * 3).shape == (1, 720, 1024)
     sti_s = TokenConcatFuser.from_preset("dense_connector_sti", dim=1152, depth=27)
     assert sti_s([torch.randn(1, 729, 1152)] * 3).shape == (1, 911, 1152)
@@ -82,8 +84,10 @@ def test_errors():
     with pytest.raises(ValueError, match="grid is only used by pool='2d'"):
         TokenConcatFuser(4, 2, grid=(2, 2))
     fuser = TokenConcatFuser(4, 2, window=4)
-    with pytest.raises(ValueError, match="grid is only used by pool='2d'"):
-        fuser([torch.randn(1, 4, 4)] * 2, grid=(2, 2))
+    # pool='1d' does not need the grid but accepts one that fits the tokens (one calling convention)
+    assert fuser([torch.randn(1, 4, 4)] * 2, grid=(2, 2)).shape == (1, 5, 4)
+    with pytest.raises(ValueError, match=r"grid \(2, 3\) = 6 tokens does not fit the features' 4 patch tokens"):
+        fuser([torch.randn(1, 4, 4)] * 2, grid=(2, 3))
     with pytest.raises(ValueError, match="3 tokens are fewer than the pooling window 4"):
         fuser([torch.randn(1, 3, 4)] * 2)
     with pytest.raises(ValueError, match=r"features\[1\] has 9 tokens but features\[0\] has 8"):
@@ -91,4 +95,4 @@ def test_errors():
     with pytest.raises(ValueError, match=r"features\[0\] expected shape \(B, N, 4\), got \(1, 8, 5\)"):
         fuser([torch.randn(1, 8, 5), torch.randn(1, 8, 4)])
     with pytest.raises(TypeError, match=r"TokenConcatFuser.from_preset: preset 'lin_ed_18' builds a ConcatFuser"):
-        TokenConcatFuser.from_preset("lin_ed_18", dim=4)
+        TokenConcatFuser.from_preset("lin_ed_18", dim=4, depth=24)

@@ -79,12 +79,12 @@ def test_gradients_reach_every_parameter():
 
 
 def test_comm_presets():
-    clip = WeightedSumFuser.from_preset("comm_clip", dim=8)
+    clip = WeightedSumFuser.from_preset("comm_clip", dim=8, depth=24)
     assert clip.num_inputs == 24
     assert clip.normalize == "none"
     assert clip.out_dim == 8
     torch.testing.assert_close(clip.mixing_weights(), torch.full((24,), 1 / 24))
-    assert WeightedSumFuser.from_preset("comm_dino", dim=8).num_inputs == 6
+    assert WeightedSumFuser.from_preset("comm_dino", dim=8, depth=24).num_inputs == 6
 
 
 def test_bf16_accumulates_in_float32():
@@ -122,7 +122,7 @@ def test_errors():
         fuser(_feats(1, dtype=torch.float32))
     with pytest.raises(ValueError, match=r"features\[1\] has 6 tokens but features\[0\] has 5"):
         fuser([torch.randn(2, 5, 4), torch.randn(2, 6, 4)])
-    with pytest.raises(TypeError, match=r"features have dtype torch.float64 but the module's parameters are torch.float32"):
+    with pytest.raises(TypeError, match=r"features\[0\] has dtype torch.float64 but the module's parameters are torch.float32"):
         fuser(_feats(2))
     with pytest.raises(TypeError, match="preset 'vip_llava' builds a ConcatFuser"):
-        WeightedSumFuser.from_preset("vip_llava", dim=4)
+        WeightedSumFuser.from_preset("vip_llava", dim=4, depth=24)

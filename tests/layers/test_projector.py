@@ -55,5 +55,5 @@ def test_errors():
         Projector("linear", 0, 4)
     with pytest.raises(TypeError, match=r"Projector: out_dim expected a positive int, got float 4.0"):
         Projector("linear", 4, 4.0)
-    with pytest.raises(ValueError, match=r"Projector.forward: input expected shape \(\*, 4\), got \(2, 5\)"):
+    with pytest.raises(ValueError, match=r"Projector.forward: x expected shape \(\*, 4\), got \(2, 5\)"):
         Projector("linear", 4, 4)(torch.randn(2, 5))

@@ -149,8 +149,14 @@ def test_bad_construction_arguments():
 
 def test_bad_images():
     tap = LayerTap(_demo(), [1])
-    with pytest.raises(TypeError, match=r"LayerTap.forward: images expected a torch.Tensor \(B, C, H, W\), got list"):
+    with pytest.raises(TypeError, match=r"LayerTap.forward: images expected a torch.Tensor \(B, C, H, W\) "
+                                        r"\(positionally or as pixel_values=\), got list"):
         tap([torch.randn(3, 32, 32)])
+    with pytest.raises(TypeError, match=r"images expected a torch.Tensor .* got NoneType"):
+        tap()
+    with pytest.raises(TypeError, match=r"LayerTap.forward: expected the images once, positionally or as "
+                                        r"pixel_values=, got both"):
+        tap(torch.randn(1, 3, 32, 32), pixel_values=torch.randn(1, 3, 32, 32))
     with pytest.raises(ValueError, match=r"LayerTap.forward: images expected a 4-d tensor \(B, C, H, W\), "
                                          r"got shape \(3, 32, 32\)"):
         tap(torch.randn(3, 32, 32))
@@ -158,7 +164,7 @@ def test_bad_images():
 
 def test_wrong_prefix_count_is_an_error_not_a_silent_shift():
     tap = LayerTap(_demo(), [1], num_prefix_tokens=3)
-    with pytest.raises(ValueError, match=r"LayerTap.forward: expected 3 prefix tokens \+ 4x4 patches = 19 tokens, "
+    with pytest.raises(ValueError, match=r"LayerTap.forward: DemoViT \(blocks\) expected 3 prefix tokens \+ 4x4 patches = 19 tokens, "
                                          r"got 17; pass num_prefix_tokens="):
         tap(torch.randn(1, 3, 32, 32))
 
@@ -168,3 +174,68 @@ def test_find_backbone_describes_the_demo_tower():
     assert (backbone.family, backbone.blocks_path, backbone.depth) == ("layerfuse", "blocks", 4)
     assert (backbone.num_prefix_tokens, backbone.has_class_token) == (1, True)
     assert backbone.grid_for((32, 48)) == (4, 6)
+
+
+@pytest.mark.parametrize("family_name", ["hf-clip", "timm-clip-vit", "open-clip-vit"])
+def test_hugging_face_calling_style_pixel_values(family_name):
+    """tap(pixel_values=...) equals tap(images) for every library (the tensor goes in positionally)."""
+    family = next(f for f in FAMILIES if f.name == family_name)
+    model = build(family)
+    images = images_for(family)
+    with torch.no_grad(), LayerTap(model, [1, -1]) as tap:
+        positional = tap(images)
+        keyword = tap(pixel_values=images)
+    assert keyword.grid == positional.grid == family.grid
+    assert all(torch.equal(a, b) for a, b in zip(keyword, positional, strict=True))
+
+
+def test_unknown_grid_refuses_to_slice_prefix_tokens():
+    """Without a patch embedding whose grid is known, 'patch' would guess which tokens are patches."""
+
+    class NoStem(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Linear(48, 16)
+            self.blocks = nn.ModuleList([DemoBlock(16, 2) for _ in range(2)])
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            x = self.embed(rearrange(images, "b c (h p) (w q) -> b (h w) (c p q)", p=4, q=4))
+            for block in self.blocks:
+                x = block(x)
+            return x
+
+    model = NoStem().eval()
+    images = torch.randn(1, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"cannot verify the token layout of NoStem: its patch grid is unknown .*"
+                                         r"pass tokens='all'"):
+        LayerTap(model, [1], num_prefix_tokens=0)(images)
+    with torch.no_grad():
+        (out,) = LayerTap(model, [2], tokens="all")(images)
+        assert torch.equal(out, model(images))
+
+
+def test_refusals_hold_through_blocks_and_lift_only_where_the_user_states_the_layout():
+    """blocks= cannot smuggle a refused layout in; where the refusal names blocks= + num_prefix_tokens=, those work."""
+    timm = pytest.importorskip("timm")
+    with torch.device("meta"):
+        pit = timm.create_model("pit_ti_distilled_224", pretrained=False)
+    with pytest.raises(ValueError, match=r"PoolingVisionTransformer \(PiT\) is not a plain ViT"):
+        LayerTap(pit, [1], blocks="transformers.0.blocks", num_prefix_tokens=2)
+    xcit = timm.create_model("xcit_nano_12_p16_224", pretrained=False, img_size=32, depth=2, num_classes=0).eval()
+    with pytest.raises(ValueError, match=r"Xcit \(XCiT\) .* instead: blocks='blocks', num_prefix_tokens=0, tokens='all'"):
+        LayerTap(xcit, [1])
+    images = torch.randn(1, 3, 32, 32)
+    with pytest.raises(ValueError, match=r"cannot verify the token layout of Xcit: its patch grid is unknown"):
+        LayerTap(xcit, [1], blocks="blocks", num_prefix_tokens=0)(images)
+    with torch.no_grad():
+        (tokens,) = LayerTap(xcit, [2], blocks="blocks", num_prefix_tokens=0, tokens="all")(images)
+        (maps,) = xcit.forward_intermediates(images, indices=[1], intermediates_only=True)
+    assert torch.equal(tokens, maps.flatten(2).transpose(1, 2))
+
+
+def test_hf_hiera_refused_through_blocks():
+    transformers = pytest.importorskip("transformers")
+    with torch.device("meta"):
+        model = transformers.HieraModel(transformers.HieraConfig())
+    with pytest.raises(ValueError, match=r"HieraModel \(Hiera\) is not a plain ViT .*mask-unit order"):
+        LayerTap(model, [1], blocks="encoder.stages.0.layers", num_prefix_tokens=0)

@@ -219,3 +219,58 @@ def test_torch_compile_fullgraph_matches_eager():
     for c, e in zip(compiled, eager, strict=True):
         assert torch.equal(c, e)
     tap.remove()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_copied_tap_works_and_removes_its_own_hooks(how):
+    """A copy is a working tap on a copy of the model; removing either leaves the other untouched."""
+    import copy
+    import io
+
+    model = _demo()
+    images = torch.randn(2, 3, 32, 32)
+    tap = LayerTap(model, [1, -2], tokens="cls_patch")
+    if how == "deepcopy":
+        twin = copy.deepcopy(tap)
+    else:
+        buffer = io.BytesIO()
+        torch.save(tap, buffer)
+        buffer.seek(0)
+        twin = torch.load(buffer, weights_only=False)
+    assert twin.model is not model
+    assert (twin.layers, twin.tokens) == (tap.layers, tap.tokens)
+    with torch.no_grad():
+        for a, b in zip(tap(images), twin(images), strict=True):
+            assert torch.equal(a, b)
+    # The copy's model holds only the copy's own hooks (the copied ones were dropped): one per layer.
+    assert sum(n for counts in _hook_counts(twin.model) for n in counts) == 2
+    twin.remove()
+    assert sum(n for counts in _hook_counts(twin.model) for n in counts) == 0
+    assert sum(n for counts in _hook_counts(model) for n in counts) == 2
+    tap.remove()
+    assert sum(n for counts in _hook_counts(model) for n in counts) == 0
+    with pytest.raises(RuntimeError, match="cannot copy or pickle a tap whose hooks were removed"):
+        copy.deepcopy(tap)
+
+
+@pytest.mark.parametrize("compiled_how", ["wrapper", "in_place"])
+def test_tap_of_a_model_compiled_after_an_eager_run(compiled_how):
+    """Eager run, compile and run, then tap: the tap runs the model uncompiled and gets every state."""
+    model = _demo()
+    images = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        model(images)
+        if compiled_how == "wrapper":
+            target = torch.compile(model, backend="eager")
+        else:
+            model.compile(backend="eager")
+            target = model
+        target(images)
+        expected = _demo_reference_state(model, images, 2)
+        (out,) = LayerTap(target, [2], tokens="all")(images)
+    assert torch.equal(out, expected)
+
+
+def _demo_reference_state(model: DemoViT, images: torch.Tensor, k: int) -> torch.Tensor:
+    family = next(f for f in FAMILIES if f.name == "layerfuse-demo-vit")
+    return family.reference(model, images, k)

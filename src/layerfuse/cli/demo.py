@@ -1,8 +1,8 @@
 """``layerfuse demo``: every fuser family on a CLIP ViT-L/14-336-shaped tower, from taps to visual tokens.
 
-Runs offline on the embedded random-weight :class:`~layerfuse.cli.demo_vit.DemoViT`. The demo is a
-list of steps (``STEPS``); each reads and extends a shared :class:`DemoContext` and returns a
-:class:`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
+Runs offline on the embedded random-weight `DemoViT`. The demo is a
+list of steps (``STEPS``); each reads and extends a shared `DemoContext` and returns a
+`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
 step feeds each method's fuser and LLaVA projector.
 """
 
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_device
 from ..features import LayerFeatures
 from ..fusers import (
     CrossAttentionFuser,
@@ -27,10 +28,10 @@ from ..fusers import (
     WeightedSumFuser,
 )
 from ..layers import Projector
-from ..presets import build_fusion_projector
 from ..taps import LayerTap
 from .demo_hf import hf_step
 from .demo_vit import DemoViT
+from .main import SUMMARIES
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
@@ -39,11 +40,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 @dataclass(frozen=True)
 class DemoMethod:
-    """A published fusion (or LLaVA's single layer) as a fuser + LLaVA projector, ready to feed."""
+    """A published fusion (or LLaVA's single layer) as a fuser + LLaVA projector, ready to feed.
+
+    ``text`` is the instruction embedding for a fuser that uses one (``module.uses_text``), else ``None``.
+    """
 
     name: str
     module: FusionProjector
-    fuser_kwargs: dict[str, Any] = field(default_factory=dict)
+    text: Tensor | None = None
 
 
 def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: torch.device,
@@ -52,7 +56,7 @@ def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: to
     dd: dict[str, Any] = {"device": device, "dtype": dtype}
 
     def preset(name: str) -> FusionProjector:
-        return build_fusion_projector(name, dim=width, llm_dim=llm_dim, depth=depth, **dd)
+        return FusionProjector.from_preset(name, dim=width, llm_dim=llm_dim, depth=depth, **dd)
 
     def attach(fuser: Fuser, layers: tuple[int, ...], tokens: str = "patch") -> FusionProjector:
         return FusionProjector(fuser, Projector("mlp2x_gelu", fuser.out_dim, llm_dim, **dd), layers=layers,
@@ -72,7 +76,7 @@ def demo_methods(width: int, depth: int, llm_dim: int, batch: int, *, device: to
         DemoMethod("Cross-attention, 3x3 windows",
                    attach(CrossAttentionFuser(width, heads=16 if width % 16 == 0 else 4, window=3, **dd),
                           mmfuser_layers)),
-        DemoMethod("IGVA (instruction-gated)", attach(igva, igva.layers, "cls_patch"), {"text": text}),
+        DemoMethod("IGVA (instruction-gated)", attach(igva, igva.layers, igva.tokens), text),
     ]
 
 
@@ -163,7 +167,8 @@ def fuse_step(ctx: DemoContext) -> Table:
         module, feats = method.module, ctx.features[method.name]
         start = time.perf_counter()
         with torch.inference_mode():
-            fused = module.fuser(feats, **method.fuser_kwargs)
+            # one calling convention: every fuser takes the tap's grid (and the instruction, when it uses one)
+            fused = module.fuser(feats, grid=feats.grid, text=method.text)
             tokens = module.projector(fused)
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
@@ -183,7 +188,7 @@ STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_ste
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run every fuser family on a random CLIP ViT-L/14-336-shaped tower",
+        help=SUMMARIES["demo"],
         description=(
             "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap in one "
             "forward the hidden states that LLaVA-1.5, Lin et al., Dense Connector, a weighted sum, MMFuser, "
@@ -209,11 +214,9 @@ def run(args: argparse.Namespace) -> int:
     if args.llm_dim < 1:
         raise SystemExit(f"layerfuse demo: --llm-dim expected a positive int, got {args.llm_dim}")
     try:
-        device = torch.device(args.device)
-    except RuntimeError as err:
-        raise SystemExit(f"layerfuse demo: --device expected a torch device (cpu, cuda, cuda:1), got {args.device!r}") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"layerfuse demo: --device {args.device}: no CUDA device is available")
+        device = check_device("layerfuse demo", "--device", args.device)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     dtype = DTYPES[args.dtype]
     torch.manual_seed(args.seed)
     start = time.perf_counter()

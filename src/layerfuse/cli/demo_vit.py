@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from einops import pack, rearrange, repeat
+from einops import rearrange, repeat
 from torch import Tensor, nn
 
 __all__ = ["DemoBlock", "DemoViT"]
@@ -76,7 +76,7 @@ class DemoViT(nn.Module):
         - images: (B, in_chans, image_size, image_size); output: (B, 1 + G * G, C) with
           G = image_size // patch_size (CLS first).
 
-    Example:
+    Examples:
         >>> vit = DemoViT.small()
         >>> vit(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 17, 64])
@@ -149,7 +149,8 @@ class DemoViT(nn.Module):
                 f"got {tuple(images.shape)}"
             )
         patches = rearrange(self.patch_embed(images), "b c gh gw -> b (gh gw) c")
-        x, _ = pack([repeat(self.cls_token, "1 1 c -> b 1 c", b=images.shape[0]), patches], "b * c")
+        # torch.cat rather than einops.pack: pack reshapes with -1, which is ambiguous for B = 0.
+        x = torch.cat([repeat(self.cls_token, "1 1 c -> b 1 c", b=images.shape[0]), patches], dim=1)
         x = self.norm_pre(x + self.pos_embed)
         for block in self.blocks:
             x = block(x)

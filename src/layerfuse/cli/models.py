@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,7 +9,7 @@ from torch import nn
 
 from .._optional import require
 from ..convert.state_dict import load_checkpoint_file
-from ..serialization import load_strict
+from ..serialization import load_strict, read_json_file
 
 __all__ = ["LoadedModel", "load_model"]
 
@@ -79,19 +78,23 @@ def _hf_model(folder: Path, image_size: int | None, checkpoint: str | Path | Non
     transformers = require("transformers", extra="hf", purpose="--model hf:<folder>")
     if not (folder / "config.json").is_file():
         raise ValueError(f"load_model: hf:{folder} expected a local folder with a config.json (no downloads are made)")
+    read_json_file(folder / "config.json", where="load_model")  # a malformed file fails here, named
     config = transformers.AutoConfig.from_pretrained(folder)
     vision = getattr(config, "vision_config", config)
     if image_size:
         vision.image_size = image_size
     has_weights = any((folder / f).is_file() for f in _HF_WEIGHTS)
     if has_weights and checkpoint is None:
-        model, weights = transformers.AutoModel.from_pretrained(folder, config=config), str(folder)
+        try:
+            model, weights = transformers.AutoModel.from_pretrained(folder, config=config), str(folder)
+        except Exception as err:  # transformers re-raises safetensors/torch.load errors that name no file
+            raise ValueError(f"load_model: the weights in hf:{folder} cannot be read: {err}") from None
     else:
         model, weights = transformers.AutoModel.from_config(config), "random"
     mean = std = _HF_DEFAULT_MEAN_STD
     processor = folder / "preprocessor_config.json"
     if processor.is_file():
-        settings = json.loads(processor.read_text())
+        settings = read_json_file(processor, where="load_model")
         mean = tuple(settings.get("image_mean", mean))
         std = tuple(settings.get("image_std", std))
     return LoadedModel(model, int(vision.image_size), mean, std, 1.0, weights)

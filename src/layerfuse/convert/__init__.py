@@ -1,13 +1,14 @@
 """Load the authors' released projector checkpoints into layerfuse modules, and export to HF LLaVA.
 
 ``from_official(method, state_dict_or_path, *, dtype=None, **options)`` returns a
-:class:`~layerfuse.fusers.pipeline.FusionProjector` whose output equals the authors' whole
+[`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] whose output equals the authors' whole
 ``mm_projector`` output; each method's options are documented on its converter function.
 """
 
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._checks import factory_kwargs
 from ..fusers.pipeline import FusionProjector
 from .state_dict import load_checkpoint_file, select_prefixed, target_dtype
 
@@ -58,13 +60,21 @@ def from_official(
             documented on ``layerfuse.convert.<method>.convert_<method>``.
 
     Returns:
-        A :class:`~layerfuse.fusers.pipeline.FusionProjector` exposing ``layers`` and ``tokens``.
+        A [`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] exposing ``layers`` and ``tokens``.
 
     Raises:
         ValueError: unknown method or options, or keys that do not fit (all missing and unexpected keys
             are listed; nothing is loaded partially).
     """
     convert = _converter(method)
+    factory_kwargs("from_official", None, dtype)
+    accepted = [name for name in inspect.signature(convert).parameters if name not in ("state_dict", "dtype")]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"from_official: {method!r} takes the options {', '.join(accepted) or 'none'}; "
+            f"got unknown {', '.join(unknown)}"
+        )
     if isinstance(state_dict, (str, Path)):
         state_dict = load_checkpoint_file(state_dict)
     elif not isinstance(state_dict, Mapping):

@@ -4,8 +4,8 @@ HF LLaVA (transformers >= 4.48) accepts a list-valued ``vision_feature_layer``: 
 ``hidden_states[k]`` for each listed k, drops token 0 of each when
 ``vision_feature_select_strategy="default"`` (keeps every token with ``"full"``), concatenates them
 on channels in list order and applies ``multi_modal_projector`` = ``linear_1``, GELU, ``linear_2``.
-That is exactly a :class:`~layerfuse.ConcatFuser` whose terms are single layers followed by an
-``mlp2x_gelu`` :class:`~layerfuse.Projector` (Dense Connector SCI, Lin et al. ``18``/``3-18-23``, the
+That is exactly a [`ConcatFuser`][layerfuse.ConcatFuser] whose terms are single layers followed by an
+``mlp2x_gelu`` [`Projector`][layerfuse.Projector] (Dense Connector SCI, Lin et al. ``18``/``3-18-23``, the
 3-18-23 fusion, ``slicefour``). With the LayerNorm of ViP-LLaVA it is HF ``VipLlavaForConditionalGeneration``.
 Group means (DCI, ``former``/``latter``/``all``) have no HF equivalent and are refused.
 """
@@ -51,10 +51,10 @@ class HFLlavaExport:
         return {prefix + k: v for k, v in self.projector_state.items()}
 
     def load_into(self, model: nn.Module) -> None:
-        """Copy the projector weights into an HF LLaVA model built from a config with :attr:`config`.
+        """Copy the projector weights into an HF LLaVA model built from a config with `config`.
 
-        Checks that the model's config agrees with :attr:`config` (else its features would be built
-        from other layers), that its vision tower has :attr:`vision_prefix_tokens` prefix tokens (else HF
+        Checks that the model's config agrees with `config` (else its features would be built
+        from other layers), that its vision tower has `vision_prefix_tokens` prefix tokens (else HF
         would drop a real patch, or keep a CLS token the module never saw), and loads strictly (nothing
         is copied on a mismatch).
 
@@ -134,7 +134,7 @@ def to_hf_llava(
     vision_tower: nn.Module | None = None,
     vision_prefix_tokens: int | None = None,
 ) -> HFLlavaExport:
-    """Express a channel-concatenation :class:`~layerfuse.FusionProjector` as an HF LLaVA projector.
+    """Express a channel-concatenation [`FusionProjector`][layerfuse.FusionProjector] as an HF LLaVA projector.
 
     HF drops either exactly token 0 of each hidden state (``"default"``) or nothing (``"full"``), so
     the export must know how many prefix tokens the tower has: on SigLIP (none) ``"default"`` would drop
@@ -148,15 +148,15 @@ def to_hf_llava(
             SigLIP); must agree with ``vision_tower`` when both are given.
 
     Returns:
-        An :class:`HFLlavaExport`: ``LlavaConfig(vision_config=..., text_config=..., **export.config)``,
+        An [`HFLlavaExport`][layerfuse.convert.hf_llava.HFLlavaExport]: ``LlavaConfig(vision_config=..., text_config=..., **export.config)``,
         build the model, then ``export.load_into(model)``.
 
     Raises:
-        TypeError: the fuser is not a :class:`~layerfuse.ConcatFuser`.
+        TypeError: the fuser is not a [`ConcatFuser`][layerfuse.ConcatFuser].
         ValueError: group means, a projector other than ``mlp2x_gelu``, token handling HF cannot
             express, or neither ``vision_tower`` nor ``vision_prefix_tokens``.
 
-    Example:
+    Examples:
         ```python
         module = from_official("lin_ed", sd, strategy="3-18-23")
         export = to_hf_llava(module, vision_prefix_tokens=1)   # CLIP; or vision_tower=...

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .._optional import require
+from ..serialization import load_tensor_file
 
 __all__ = ["llava_projector_shape", "load_checkpoint_file", "select_prefixed", "select_required", "target_dtype"]
 
@@ -19,18 +19,10 @@ _LINEAR_KEY = re.compile(r"^(\d+)\.(weight|bias)$")
 def load_checkpoint_file(path: str | Path, *, where: str = "from_official") -> dict[str, Tensor]:
     """Read a ``.safetensors`` file or a ``torch.save``\\ d ``.bin``/``.pt`` dict (tensors only).
 
-    ``where`` names the caller in error messages.
+    ``where`` names the caller in error messages; a truncated or corrupt file is a ``ValueError``
+    naming it (see `layerfuse.serialization.load_tensor_file`).
     """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{where}: checkpoint file {path} does not exist")
-    if path.suffix == ".safetensors":
-        st = require("safetensors.torch", extra="safetensors", purpose="reading .safetensors checkpoints")
-        return dict(st.load_file(str(path)))
-    loaded = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(loaded, Mapping):
-        raise TypeError(f"{where}: {path} holds a {type(loaded).__name__}, expected a dict of tensors")
-    return dict(loaded)
+    return load_tensor_file(path, where=where)
 
 
 def select_prefixed(state_dict: Mapping[str, Tensor], anchor: str, *, where: str) -> dict[str, Tensor]:
@@ -63,7 +55,7 @@ def select_prefixed(state_dict: Mapping[str, Tensor], anchor: str, *, where: str
 
 
 def select_required(state_dict: Mapping[str, Tensor], anchor: str, *, where: str) -> dict[str, Tensor]:
-    """:func:`select_prefixed`, but a checkpoint with no key under ``anchor`` is an error that shows
+    """[`select_prefixed`][layerfuse.convert.select_prefixed], but a checkpoint with no key under ``anchor`` is an error that shows
     what the checkpoint does hold."""
     selected = select_prefixed(state_dict, anchor, where=where)
     if not selected:

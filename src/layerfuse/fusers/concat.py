@@ -9,9 +9,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_feature_list, check_positive_int, check_same_tokens, check_widths
+from .._checks import (
+    check_bool,
+    check_feature_list,
+    check_float,
+    check_module_inputs,
+    check_positive_int,
+    check_same_tokens,
+    check_widths,
+    factory_kwargs,
+)
 from ..ops.layer_mean import layer_mean
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["ConcatFuser", "Term"]
 
@@ -82,12 +92,12 @@ class ConcatFuser(Fuser):
         - features: ``len(in_dims)`` tensors (B, N, C_i) (N + 1 tokens with ``drop_first_token``)
         - output: (B, N, out_dim) with ``out_dim`` the sum of the term widths
 
-    Example:
+    Examples:
         >>> dci = ConcatFuser([1024] * 24, terms=[23, range(0, 12), range(12, 24)])
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(24)]
         >>> dci(feats).shape
         torch.Size([2, 576, 3072])
-        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024).out_dim
+        >>> ConcatFuser.from_preset("lin_ed_3_18_23", dim=1024, depth=24).out_dim
         3072
     """
 
@@ -122,9 +132,12 @@ class ConcatFuser(Fuser):
                     f"{[self.in_dims[i] for i in group]}"
                 )
         self.out_dim = sum(self.in_dims[g[0]] for g in self.terms)
-        self.norm_enabled, self.eps, self.drop_first_token = bool(norm), float(eps), bool(drop_first_token)
+        dd = factory_kwargs(where, device, dtype)
+        self.norm_enabled = check_bool(where, "norm", norm)
+        self.eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        self.drop_first_token = check_bool(where, "drop_first_token", drop_first_token)
         self.norm: nn.LayerNorm | None = (
-            nn.LayerNorm(self.out_dim, eps=self.eps, device=device, dtype=dtype) if self.norm_enabled else None
+            nn.LayerNorm(self.out_dim, eps=self.eps, **dd) if self.norm_enabled else None
         )
         self.reset_parameters()
 
@@ -132,11 +145,30 @@ class ConcatFuser(Fuser):
         if self.norm is not None:
             self.norm.reset_parameters()
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    @classmethod
+    def _plan_arguments(cls, dim: int, num_inputs: int, options: dict[str, Any]) -> dict[str, Any]:
+        return {"in_dims": [dim] * num_inputs, **options}
+
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
+        [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "ConcatFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
+                pass_grid=False, text=text)
+        grid = self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, grid, level_grids)
         if self.drop_first_token:
             if tokens < 2:
                 raise ValueError(f"{where}: drop_first_token needs at least 2 tokens, got {tokens}")
@@ -154,6 +186,7 @@ class ConcatFuser(Fuser):
             "norm": self.norm_enabled,
             "eps": self.eps,
             "drop_first_token": self.drop_first_token,
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:

@@ -11,11 +11,12 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
 from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
 from .deep_query import DeepQueryFuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["CrossAttentionFuser"]
 
@@ -26,26 +27,26 @@ class CrossAttentionFuser(DeepQueryFuser):
     The query layer Q (a deep, text-aligned ViT layer; MMFuser uses the penultimate block) attends to
     the tokens of the ``num_levels`` shallower layers F_l, concatenated. A learned per-level
     embedding E_l tells attention which layer a token came from, and a fixed 2-D sine-cosine code
-    P (:func:`layerfuse.layers.sincos_2d`, in image-relative coordinates so grids of different size
+    P ([`layerfuse.layers.sincos_2d`][layerfuse.layers.sincos_2d], in image-relative coordinates so grids of different size
     align) tells it where. Pre-norm blocks, each added back through a zero-initialised layer-scale:
 
-    .. code-block:: text
-
-        kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
-        x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
-        x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
-        x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```text
+    kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
+    x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
+    x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
+    x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```
 
     With ``layer_scale_init=0`` the output equals the query exactly at initialisation, so a pretrained
-    single-layer projector keeps working. Attention runs on :func:`layerfuse.ops.attention.attention`
+    single-layer projector keeps working. Attention runs on [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]
     (PyTorch SDPA's fused kernels by default), so the (N, L·N) attention matrix is never stored.
 
     With ``window=w`` each query attends only to the ``w × w`` tokens of each level around its own
     position (Cambrian SVA's spatial prior; the query grid is laid over each level's grid, see
-    :func:`layerfuse.ops.attention.windowed_attention`), and the optional self-attention to the
+    [`layerfuse.ops.attention.windowed_attention`][layerfuse.ops.attention.windowed_attention]), and the optional self-attention to the
     ``w × w`` neighbourhood in the query grid. Time and memory then grow linearly with the number of
     tokens, and the result equals full attention under the explicit
-    :func:`~layerfuse.ops.attention.window_mask`.
+    [`window_mask`][layerfuse.ops.attention.window_mask].
 
     Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``ffn_in``, ``ffn_out``) differ from the linear
     layer names of the common LLM families (``q_proj``, ``o_proj``, OPT's and Phi's ``fc1``/``fc2``,
@@ -71,14 +72,14 @@ class CrossAttentionFuser(DeepQueryFuser):
         attn_drop: attention-weight dropout in training mode. Default: ``0.0``
         eps: epsilon of the LayerNorms. Default: ``1e-6``
         layer_scale_init: initial value of every layer-scale. Default: ``0.0``
-        backend: attention backend (see :func:`layerfuse.ops.attention.attention`). Default: ``"auto"``
+        backend: attention backend (see [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]). Default: ``"auto"``
 
     Shape:
         - features: ``num_levels + 1`` tensors (B, N_i, C), patch tokens only, row-major on their
           grids; the query has N = H·W tokens
         - output: (B, N, C), the shape of the query
 
-    Example:
+    Examples:
         >>> fuser = CrossAttentionFuser(1024, num_levels=4, heads=16, grid=(24, 24))
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(5)]  # layers -22, -17, -12, -7, -2
         >>> out = fuser(feats)
@@ -114,13 +115,17 @@ class CrossAttentionFuser(DeepQueryFuser):
         self._init_layout(where, dim, num_levels, heads, query_index, grid)
         if window is not None:
             check_positive_int(where, "window", window)
+        for flag, value in (("pos_embed", pos_embed), ("self_attn", self_attn), ("qkv_bias", qkv_bias)):
+            check_bool(where, flag, value)
+        eps = check_float(where, "eps", eps, low=0.0, low_open=True)
+        layer_scale_init = check_float(where, "layer_scale_init", layer_scale_init)
+        mlp_ratio = check_float(where, "mlp_ratio", mlp_ratio, low=0.0)
+        attn_drop = check_float(where, "attn_drop", attn_drop, low=0.0, high=1.0, high_open=True)
         if pos_embed and dim % 4:
             raise ValueError(f"{where}: pos_embed=True needs dim to be a multiple of 4, got dim={dim}")
-        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or mlp_ratio < 0:
-            raise ValueError(f"{where}: mlp_ratio expected a float >= 0, got {mlp_ratio!r}")
         if mlp_ratio > 0 and round(dim * mlp_ratio) == 0:
             raise ValueError(f"{where}: mlp_ratio={mlp_ratio} gives an MLP of width 0 at dim={dim}")
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.window, self.pos_embed = window, bool(pos_embed)
         self.mlp_ratio, self.qkv_bias, self.attn_drop = float(mlp_ratio), bool(qkv_bias), float(attn_drop)
         self.eps, self.layer_scale_init = eps, layer_scale_init
@@ -193,26 +198,39 @@ class CrossAttentionFuser(DeepQueryFuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None = None,
         level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
     ) -> Tensor:
         """Fuse the key/value levels into the query layer.
 
         Args:
             features: ``num_levels + 1`` tensors (B, N_i, C): the key/value levels in order, with the
-                query at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
-                :class:`~layerfuse.LayerTap` carries its grid.
+                query at ``query_index`` (by default last). A [`LayerFeatures`][layerfuse.LayerFeatures] from
+                [`LayerTap`][layerfuse.LayerTap] carries its grid.
             grid: (H, W) of the query tokens, and of every level unless ``level_grids`` is given.
                 Default: ``features.grid``, else the grid the module was built with. Needed for
                 ``window`` and ``pos_embed``; without both, token counts are free.
             level_grids: one (H_l, W_l) per key/value level, in feature order, when the levels have
                 different grids. Default: all equal to ``grid``.
+            text: refused (``TypeError``): this fuser takes no instruction; accepted as ``None`` so every
+                fuser shares one calling convention.
 
         Returns:
             (B, N, C), the fused query tokens.
+
+        Raises:
+            ValueError: an explicit ``grid`` that contradicts ``features.grid``, or grids that do not fit
+                the token counts.
         """
         where = "CrossAttentionFuser.forward"
+        if is_packed(features):  # images of different sizes: one call per distinct grid
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=True, grid=grid, level_grids=level_grids, text=text)
+        self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
-            where, features, grid, level_grids, self.level_embed.dtype, spatial=spatial
+            where, features, grid, level_grids, spatial=spatial
         )
         if self.window is not None:
             self._check_window(where, query_grid, level_shapes)

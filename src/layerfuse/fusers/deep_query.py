@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-import torch
 from torch import Tensor
 
 from .._checks import (
     check_feature_list,
     check_grid,
-    check_module_dtype,
     check_positive_int,
     check_widths,
     resolve_grid,
@@ -39,7 +37,7 @@ class DeepQueryFuser(Fuser):
 
     ``features`` holds ``num_levels + 1`` tensors of width ``dim``: the key/value levels in order with
     the query at ``query_index`` (by default last, as the MMFuser authors order them). Subclasses call
-    :meth:`_init_layout` first in ``__init__`` and :meth:`_split` first in ``forward``.
+    `_init_layout` first in ``__init__`` and `_split` first in ``forward``.
     """
 
     dim: Final[int]
@@ -75,7 +73,6 @@ class DeepQueryFuser(Fuser):
         features: Sequence[Tensor],
         grid: Sequence[int] | None,
         level_grids: Sequence[Sequence[int]] | None,
-        param_dtype: torch.dtype,
         *,
         spatial: bool = True,
     ) -> DeepQueryInputs:
@@ -83,7 +80,6 @@ class DeepQueryFuser(Fuser):
         (explicit ``grid`` / ``level_grids`` > ``features.grid`` from the tap > the module's ``grid``)."""
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
-        check_module_dtype(where, feats[0], param_dtype)
         query = feats[self._query_pos]
         levels = [(i, f) for i, f in enumerate(feats) if i != self._query_pos]
         query_grid = shapes = None

@@ -10,11 +10,13 @@ import torch
 from torch import Tensor
 
 from .._checks import (
+    check_bool,
     check_feature_list,
-    check_module_dtype,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..features import LayerFeatures
 from ..layers.instruction_gate import InstructionGate
@@ -31,7 +33,7 @@ IGVA_GROUPS: tuple[tuple[int, ...], ...] = tuple(tuple(range(s, s + 6)) for s in
 
 @dataclass
 class GatedFusion:
-    """What :meth:`InstructionGatedFuser.forward_with_weights` returns.
+    """What [`InstructionGatedFuser.forward_with_weights`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward_with_weights] returns.
 
     Attributes:
         output: the fuser output ``[base ; fused]``, (B, N, 2C), in the features' dtype (what
@@ -84,16 +86,16 @@ class InstructionGatedFuser(Fuser):
     r"""IGVA: an instruction embedding chooses softmax weights over groups of layers.
 
     The hidden states are cut into K contiguous groups and each group is averaged (all tokens, summed in
-    float32 under bf16/fp16). An :class:`~layerfuse.layers.instruction_gate.InstructionGate` reads the
+    float32 under bf16/fp16). An [`InstructionGate`][layerfuse.layers.instruction_gate.InstructionGate] reads the
     instruction embedding and one summary vector per group (the CLS token of the group mean, or its
     mean patch token when the backbone has no CLS) and returns weights ``w`` (B, K) on the simplex. The
     fused map ``F = sum_k w_k Q_k`` mixes the groups' patch maps, and the output is ``[P_base ; F]`` on
     channels, the base layer first (the authors' column order), ready for a projector of input width 2C.
 
-    ``features`` are the hidden states named by :attr:`layers`: every layer of every group in order,
+    ``features`` are the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]: every layer of every group in order,
     then the base layer. With ``has_cls=True`` each carries the CLS token first (tap with
     ``tokens="cls_patch"``); the output has patch tokens only. The text encoder stays outside the module:
-    ``text`` is a batch of embeddings (see :mod:`layerfuse.text`). Samples without an instruction (the
+    ``text`` is a batch of embeddings (see `layerfuse.text`). Samples without an instruction (the
     dummy image of a text-only sample in LLaVA) take a zero row, as in the authors' code.
 
     ``gated=False`` builds the stage-1 model: no gate, the uniform mean of the K group maps. A gated
@@ -103,7 +105,7 @@ class InstructionGatedFuser(Fuser):
         dim: vision width C.
         text_dim: width E of the instruction embeddings. Default: ``768`` (``all-mpnet-base-v2``)
         groups: K contiguous ranges of hidden-state indices (0 = embedding output, k = block k).
-            Default: :data:`IGVA_GROUPS`, ``[[1..6], [7..12], [13..18], [19..24]]``
+            Default: `IGVA_GROUPS`, ``[[1..6], [7..12], [13..18], [19..24]]``
         base_layer: hidden-state index concatenated unchanged (negative counts from the end). It may also
             belong to a group, as the default does (23). Default: ``-2``
         gate_dim: gate width h. Default: ``1024``
@@ -123,7 +125,7 @@ class InstructionGatedFuser(Fuser):
         - text: (B, E), any float dtype (cast to the features' dtype, as the authors do)
         - output: (B, N, 2C)
 
-    Example:
+    Examples:
         >>> fuser = InstructionGatedFuser(1024, 768)
         >>> feats = [torch.randn(2, 577, 1024) for _ in fuser.layers]   # tap(fuser.layers, "cls_patch")
         >>> fuser(feats, text=torch.randn(2, 768)).shape
@@ -158,8 +160,13 @@ class InstructionGatedFuser(Fuser):
         where = "InstructionGatedFuser"
         check_positive_int(where, "dim", dim)
         check_positive_int(where, "text_dim", text_dim)
+        factory_kwargs(where, device, dtype)
         if isinstance(base_layer, bool) or not isinstance(base_layer, int):
             raise TypeError(f"{where}: base_layer expected an int hidden-state index, got {base_layer!r}")
+        for flag, value in (
+            ("has_cls", has_cls), ("gated", gated), ("summary_norm", summary_norm), ("zero_init_head", zero_init_head)
+        ):
+            check_bool(where, flag, value)
         if not gated and (zero_init_head or summary_norm):
             raise ValueError(
                 f"{where}: zero_init_head and summary_norm configure the gate; gated=False has no gate"
@@ -187,6 +194,16 @@ class InstructionGatedFuser(Fuser):
     def layers(self) -> tuple[int, ...]:
         """Hidden-state indices ``forward`` expects, in order: the groups' layers, then the base layer."""
         return (*(i for g in self.groups for i in g), self.base_layer)
+
+    @property
+    def uses_text(self) -> bool:
+        """``True`` for a gated fuser (``forward`` needs ``text``); ``False`` for ``gated=False``."""
+        return self.gated
+
+    @property
+    def tokens(self) -> str:
+        """The tap's token mode ``forward`` expects: ``"cls_patch"`` with ``has_cls``, else ``"patch"``."""
+        return "cls_patch" if self.has_cls else "patch"
 
     def reset_parameters(self) -> None:
         if self.gate is not None:
@@ -258,7 +275,6 @@ class InstructionGatedFuser(Fuser):
             )
         if text.device != feats[0].device:
             raise ValueError(f"{where}: text is on {text.device} but the features are on {feats[0].device}")
-        check_module_dtype(where, feats[0], self.gate.linear.weight.dtype)
 
     def _group_features(self, feats: Sequence[Tensor]) -> list[list[Tensor]]:
         out, start = [], 0
@@ -276,6 +292,7 @@ class InstructionGatedFuser(Fuser):
 
     def group_means(self, features: Sequence[Tensor]) -> Tensor:
         """The K group means on all tokens, (B, K, T, C), in float32 (float64 for float64 features)."""
+        check_module_inputs("InstructionGatedFuser.group_means", self, features=features)
         feats = self._check_features("InstructionGatedFuser.group_means", features)
         acc = accumulation_dtype(feats[0].dtype)
         return torch.stack([layer_mean(g, out_dtype=acc) for g in self._group_features(feats)], dim=1)
@@ -286,6 +303,7 @@ class InstructionGatedFuser(Fuser):
         Only the CLS tokens (or the per-layer mean patch tokens) are averaged, so this is cheap.
         """
         where = "InstructionGatedFuser.gate_weights"
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_text(where, text, feats)
         acc = accumulation_dtype(feats[0].dtype)
@@ -298,10 +316,20 @@ class InstructionGatedFuser(Fuser):
             ]
         return self._weights(torch.stack(parts, dim=1), text, feats[0].dtype)
 
-    def forward_with_weights(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> GatedFusion:
-        """:meth:`forward` plus the gate weights (for inspection or :func:`gate_entropy_loss`)."""
+    def forward_with_weights(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> GatedFusion:
+        """[`forward`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward] plus the gate weights (for inspection or [`gate_entropy_loss`][layerfuse.fusers.gate_entropy_loss])."""
         where = "InstructionGatedFuser.forward"
+        checked = self._call_args(where, features, grid, text, uses_text=True)
+        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
+        self._check_token_layout(where, features, feats[0].shape[1], checked, level_grids, prefix=int(self.has_cls))
         self._check_text(where, text, feats)
         dtype, acc = feats[0].dtype, accumulation_dtype(feats[0].dtype)
         means = [layer_mean(g, out_dtype=acc) for g in self._group_features(feats)]
@@ -318,9 +346,20 @@ class InstructionGatedFuser(Fuser):
             fused = fused + weights[:, k, None, None] * patches[k]
         return GatedFusion(output=torch.cat([base, fused.to(dtype)], dim=-1), weights=weights)
 
-    def forward(self, features: Sequence[Tensor], *, text: Tensor | None = None) -> Tensor:
-        """Fuse ``features`` (the hidden states named by :attr:`layers`) under instruction ``text``."""
-        return self.forward_with_weights(features, text=text).output
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse ``features`` (the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]) under instruction ``text``.
+
+        ``grid`` (H, W) of the patch tokens and ``level_grids`` are not needed; they are accepted when
+        they fit the tokens (the calling convention of every fuser, see [`Fuser`][layerfuse.Fuser]).
+        """
+        return self.forward_with_weights(features, grid, level_grids, text=text).output
 
 
 def gate_entropy_loss(weights: Tensor) -> Tensor:

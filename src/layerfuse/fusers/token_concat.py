@@ -13,13 +13,16 @@ from .._checks import (
     check_choice,
     check_feature_list,
     check_grid,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
     resolve_grid,
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["TokenConcatFuser"]
 
@@ -60,7 +63,7 @@ class TokenConcatFuser(Fuser):
         - output: (B, N + (num_inputs - 1) * P, C), with P = N // window (1-D) or
           (H // kh) * (W // kw) (2-D)
 
-    Example:
+    Examples:
         >>> sti = TokenConcatFuser(1024, 3)  # Dense Connector STI: [L23, pool8(L7), pool8(L15)]
         >>> sti([torch.randn(2, 576, 1024) for _ in range(3)]).shape
         torch.Size([2, 720, 1024])
@@ -88,6 +91,7 @@ class TokenConcatFuser(Fuser):
         super().__init__()
         where = "TokenConcatFuser"
         self.dim = check_positive_int(where, "dim", dim)
+        factory_kwargs(where, device, dtype)  # no parameters, but a wrong device/dtype is still a mistake
         check_positive_int(where, "num_inputs", num_inputs)
         if num_inputs < 2:
             raise ValueError(f"{where}: num_inputs expected at least 2 (a base and an extra layer), got {num_inputs}")
@@ -134,19 +138,41 @@ class TokenConcatFuser(Fuser):
             windows = rearrange(maps[:, : h * kh, : w * kw], "b (h kh) (w kw) c -> b (h w) (kh kw) c", kh=kh, kw=kw)
         return windows.mean(dim=2, dtype=acc).to(x.dtype)
 
-    def forward(self, features: Sequence[Tensor], grid: Sequence[int] | None = None) -> Tensor:
-        """Fuse ``features``; ``grid`` = (H, W) of the patch tokens, used (and required) by ``pool="2d"``."""
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`.
+
+        Args:
+            features: `num_inputs` tensors (B, N, C), the base layer first.
+            grid: (H, W) of the patch tokens: used (and required, unless the features or the module
+                carry one) by `pool="2d"`; accepted by `pool="1d"` when it fits the tokens.
+            level_grids: accepted when every entry equals the tokens' grid (see [`Fuser`][layerfuse.Fuser]).
+            text: refused: this fuser takes no instruction.
+
+        Returns:
+            (B, N + (num_inputs - 1) * P, C).
+        """
         where = "TokenConcatFuser.forward"
+        if is_packed(features):  # images of different sizes: pooling windows stay inside each image
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
+                pass_grid=self.pool == "2d", grid=grid, text=text)
+        checked = self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, checked, level_grids)
         hw = None
         if self.pool == "2d":
             hw = resolve_grid(where, tokens, grid, features, self.grid)
             if hw[0] < self.window[0] or hw[1] < self.window[1]:
                 raise ValueError(f"{where}: grid {hw} is smaller than the pooling window {self.window}")
-        elif grid is not None:
-            raise ValueError(f"{where}: grid is only used by pool='2d'; got grid={grid!r} with pool='1d'")
         elif tokens < self.window[0]:
             raise ValueError(f"{where}: {tokens} tokens are fewer than the pooling window {self.window[0]}")
         return torch.cat([feats[0], *(self._pool(f, hw) for f in feats[1:])], dim=1)
@@ -158,6 +184,7 @@ class TokenConcatFuser(Fuser):
             "pool": self.pool,
             "window": self.window[0] if self.pool == "1d" else list(self.window),
             "grid": None if self.grid is None else list(self.grid),
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:

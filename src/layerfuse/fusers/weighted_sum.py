@@ -13,15 +13,20 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from .._checks import (
+    check_bool,
     check_choice,
     check_feature_list,
-    check_module_dtype,
+    check_float,
+    check_float_list,
+    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
+    factory_kwargs,
 )
 from ..ops.layer_mean import accumulation_dtype
 from .base import Fuser
+from .packed import fuse_packed, is_packed
 
 __all__ = ["WeightedSumFuser"]
 
@@ -64,7 +69,7 @@ class WeightedSumFuser(Fuser):
         - features: ``num_inputs`` tensors (B, N, C); output: (B, N, C), or (B, N, layer_proj_dim)
           with ``layer_proj``
 
-    Example:
+    Examples:
         >>> comm_clip = WeightedSumFuser(1024, 24, normalize="none", layer_proj=True)
         >>> comm_clip([torch.randn(2, 576, 1024) for _ in range(24)]).shape
         torch.Size([2, 576, 1024])
@@ -91,10 +96,12 @@ class WeightedSumFuser(Fuser):
     ) -> None:
         super().__init__()
         where = "WeightedSumFuser"
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.dim = check_positive_int(where, "dim", dim)
         check_positive_int(where, "num_inputs", num_inputs)
         check_choice(where, "normalize", normalize, NORMALIZE_MODES)
+        check_bool(where, "layer_proj", layer_proj)
+        eps = check_float(where, "eps", eps, low=0.0, low_open=True)
         if layer_proj_dim is not None:
             if not layer_proj:
                 raise ValueError(f"{where}: layer_proj_dim={layer_proj_dim} needs layer_proj=True")
@@ -102,11 +109,7 @@ class WeightedSumFuser(Fuser):
         elif layer_proj:
             layer_proj_dim = self.dim
         if init_weights is not None:
-            init_weights = tuple(float(v) for v in init_weights)
-            if len(init_weights) != num_inputs:
-                raise ValueError(
-                    f"{where}: init_weights expected {num_inputs} values (one per input), got {len(init_weights)}"
-                )
+            init_weights = check_float_list(where, "init_weights", init_weights, length=num_inputs)
             if normalize == "softmax" and (
                 min(init_weights) <= 0 or not math.isclose(sum(init_weights), 1.0, rel_tol=1e-6)
             ):
@@ -118,7 +121,7 @@ class WeightedSumFuser(Fuser):
             normalize,
             layer_proj_dim,
             init_weights,
-            float(eps),
+            eps,
         )
         self.in_dims = (self.dim,) * num_inputs
         self.out_dim = self.dim if layer_proj_dim is None else layer_proj_dim
@@ -153,12 +156,26 @@ class WeightedSumFuser(Fuser):
         raw = self.layer_weights.to(accumulation_dtype(self.layer_weights.dtype))
         return torch.softmax(raw, dim=0) if self.normalize == "softmax" else raw
 
-    def forward(self, features: Sequence[Tensor]) -> Tensor:
+    def forward(
+        self,
+        features: Sequence[Tensor],
+        grid: Sequence[int] | None = None,
+        level_grids: Sequence[Sequence[int]] | None = None,
+        *,
+        text: Tensor | None = None,
+    ) -> Tensor:
+        """Fuse `features`; `grid` and `level_grids` are accepted when they fit the tokens (see
+        [`Fuser`][layerfuse.Fuser]), `text` is refused."""
         where = "WeightedSumFuser.forward"
+        if is_packed(features):  # token-wise: the packed sequence as a batch of one
+            return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
+                pass_grid=False, text=text)
+        grid = self._call_args(where, features, grid, text)
+        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
-        check_same_tokens(where, feats)
-        check_module_dtype(where, feats[0], self.layer_weights.dtype)
+        tokens = check_same_tokens(where, feats)
+        self._check_token_layout(where, features, tokens, grid, level_grids)
         w = self.mixing_weights()
         if self.proj_weight is None:
             total = feats[0].to(w.dtype) * w[0]
@@ -183,6 +200,7 @@ class WeightedSumFuser(Fuser):
             "layer_proj_dim": self.layer_proj_dim,
             "init_weights": None if self.init_weights is None else list(self.init_weights),
             "eps": self.eps,
+            **self._preset_config(),
         }
 
     def extra_repr(self) -> str:

@@ -1,4 +1,4 @@
-"""Multi-head attention layer (projections around :func:`layerfuse.ops.attention.attention`).
+"""Multi-head attention layer (projections around [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]).
 
 Leaf names ``to_q``, ``to_kv`` and ``to_out`` deliberately differ from the LLM projection names that
 LoRA tooling targets by suffix (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so a fusion module
@@ -16,7 +16,14 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import (
+    check_bool,
+    check_float,
+    check_module_inputs,
+    check_positive_int,
+    check_tensor,
+    factory_kwargs,
+)
 from ..ops.attention import attention, windowed_attention
 from ..ops.attention.dispatch import check_backend_name
 
@@ -28,7 +35,7 @@ class Attention(nn.Module):
 
     ``to_q`` projects the queries, ``to_kv`` the context into keys and values, ``to_out`` the
     concatenated heads. With ``window`` the queries and every context level are token grids and each
-    query attends only to its window of each level (:func:`~layerfuse.ops.attention.windowed_attention`);
+    query attends only to its window of each level ([`windowed_attention`][layerfuse.ops.attention.windowed_attention]);
     without it every query attends to every context token.
 
     Args:
@@ -42,7 +49,7 @@ class Attention(nn.Module):
     Shape:
         - x: (B, N, C); context: (B, M, context_dim) (``None`` = self-attention); output: (B, N, C)
 
-    Example:
+    Examples:
         >>> attn = Attention(256, heads=4)
         >>> attn(torch.randn(2, 64, 256), torch.randn(2, 300, 256)).shape
         torch.Size([2, 64, 256])
@@ -72,10 +79,10 @@ class Attention(nn.Module):
         check_positive_int(where, "heads", heads)
         if dim % heads:
             raise ValueError(f"{where}: heads={heads} must divide dim={dim}")
-        if not 0.0 <= attn_drop < 1.0:
-            raise ValueError(f"{where}: attn_drop expected a float in [0, 1), got {attn_drop}")
+        attn_drop = check_float(where, "attn_drop", attn_drop, low=0.0, high=1.0, high_open=True)
+        check_bool(where, "qkv_bias", qkv_bias)
         context_dim = dim if context_dim is None else check_positive_int(where, "context_dim", context_dim)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         self.dim, self.heads, self.context_dim = dim, heads, context_dim
         self.attn_drop, self.backend = float(attn_drop), check_backend_name(where, backend)
         self.to_q = nn.Linear(dim, dim, bias=qkv_bias, **dd)
@@ -103,6 +110,16 @@ class Attention(nn.Module):
         With ``window``, ``query_grid`` is the (H, W) grid of ``x`` and ``context_grids`` the grids of
         the context levels concatenated in ``context`` (default: ``[query_grid]``).
         """
+        where = "Attention.forward"
+        check_module_inputs(where, self, x=x, context=context)
+        check_tensor(where, "x", x, shape=f"(B, N, {self.dim})", ndim=3, last=self.dim)
+        if context is not None:
+            check_tensor(where, "context", context, shape=f"(B, M, {self.context_dim})", ndim=3, last=self.context_dim)
+            if context.shape[0] != x.shape[0]:
+                raise ValueError(
+                    f"{where}: context has batch size {context.shape[0]} but x has {x.shape[0]}; "
+                    f"got x {tuple(x.shape)}, context {tuple(context.shape)}"
+                )
         context = x if context is None else context
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         k, v = rearrange(self.to_kv(context), "b m (two h d) -> two b h m d", two=2, h=self.heads)

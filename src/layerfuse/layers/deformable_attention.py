@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_choice, check_grid, check_positive_int
+from .._checks import check_choice, check_grid, check_module_inputs, check_positive_int, factory_kwargs
 from ..ops import ms_deform_attn
 from ..ops.msda import backend_names
 
@@ -45,16 +45,16 @@ class MultiScaleDeformableAttention(nn.Module):
     normalised coordinates, the value map of level ``l`` is read there bilinearly (zero outside the
     map), and the weighted samples of all heads are concatenated and projected:
 
-    .. code-block:: text
-
-        V = value_proj(value)                              # (B, S, M, D)
-        loc = r + sampling_offsets(query) / (W_l, H_l)    # (B, Nq, M, L, P, 2)
-        A = softmax_{L·P}(attention_weights(query))       # (B, Nq, M, L, P)
-        out = output_proj(ms_deform_attn(V, spatial_shapes, loc, A))
+    ```text
+    V = value_proj(value)                              # (B, S, M, D)
+    loc = r + sampling_offsets(query) / (W_l, H_l)    # (B, Nq, M, L, P, 2)
+    A = softmax_{L·P}(attention_weights(query))       # (B, Nq, M, L, P)
+    out = output_proj(ms_deform_attn(V, spatial_shapes, loc, A))
+    ```
 
     The children and their parameter names are those of Deformable DETR's ``MSDeformAttn`` (and thus
     of MMFuser's checkpoints). Under bf16/fp16 the softmax, the sampling locations and the sampling
-    itself run in float32 (:func:`layerfuse.ops.ms_deform_attn` accumulates in float32); the linear
+    itself run in float32 ([`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn] accumulates in float32); the linear
     maps run in the module's dtype or under autocast. Padding masks are not supported.
 
     Args:
@@ -62,7 +62,7 @@ class MultiScaleDeformableAttention(nn.Module):
         num_levels: number of value levels L. Default: ``4``
         heads: attention heads M. Default: ``8``
         points: sampling points P per head and level. Default: ``4``
-        backend: ``backend=`` of :func:`layerfuse.ops.ms_deform_attn`: ``"auto"`` (Triton on CUDA,
+        backend: ``backend=`` of [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]: ``"auto"`` (Triton on CUDA,
             PyTorch elsewhere), ``"pytorch"``, ``"triton"`` or a registered name. Default: ``"auto"``
 
     Shape:
@@ -74,7 +74,7 @@ class MultiScaleDeformableAttention(nn.Module):
         - spatial_shapes: L pairs (H_l, W_l)
         - output: (B, Nq, C)
 
-    Example:
+    Examples:
         >>> from layerfuse.ops.reference_points import reference_points
         >>> attn = MultiScaleDeformableAttention(64, num_levels=2, heads=4)
         >>> value = torch.randn(2, 6 * 8 + 3 * 4, 64)
@@ -107,7 +107,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"{where}: dim={dim} expected a multiple of heads={heads}")
         check_choice(where, "backend", backend, ("auto", *backend_names()))
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs(where, device, dtype)
         self.dim, self.num_levels, self.heads, self.points, self.backend = dim, num_levels, heads, points, backend
         self.sampling_offsets = nn.Linear(dim, heads * num_levels * points * 2, **dd)
         self.attention_weights = nn.Linear(dim, heads * num_levels * points, **dd)
@@ -148,7 +148,7 @@ class MultiScaleDeformableAttention(nn.Module):
                 f"{where}: value has batch size {value.shape[0]} but query has {query.shape[0]}; "
                 f"got query {tuple(query.shape)}, value {tuple(value.shape)}"
             )
-        if isinstance(spatial_shapes, Tensor) or not isinstance(spatial_shapes, Sequence):
+        if isinstance(spatial_shapes, Tensor | str | bytes) or not isinstance(spatial_shapes, Sequence):
             raise TypeError(
                 f"{where}: spatial_shapes expected a sequence of {self.num_levels} (H, W) int pairs, "
                 f"got {type(spatial_shapes).__name__}"
@@ -181,6 +181,10 @@ class MultiScaleDeformableAttention(nn.Module):
     def forward(
         self, query: Tensor, reference_points: Tensor, value: Tensor, spatial_shapes: Sequence[Sequence[int]]
     ) -> Tensor:
+        check_module_inputs(
+            f"{type(self).__name__}.forward", self, query=query, value=value, reference_points=reference_points,
+            any_dtype=("reference_points",),
+        )
         shapes = self._check_inputs(query, reference_points, value, spatial_shapes)
         m, lv, p = self.heads, self.num_levels, self.points
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_bool, check_module_inputs, check_positive_int, check_tensor, factory_kwargs
 from ..ops.attention import attention
 from ..ops.layer_mean import accumulation_dtype
 
@@ -25,7 +25,7 @@ class GateAttention(nn.Module):
     ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) with ``out_proj`` named ``mix_heads``: OPT's
     and MPT's attention output layers are called ``out_proj``, and LoRA name lists built from the LLM
     match leaf names anywhere in the model. The attention itself is
-    :func:`layerfuse.ops.attention.attention` (float32 softmax under bf16/fp16). No mask, no dropout.
+    [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention] (float32 softmax under bf16/fp16). No mask, no dropout.
 
     Args:
         dim: model width c (query, key and value width).
@@ -34,7 +34,7 @@ class GateAttention(nn.Module):
     Shape:
         - query: (B, Q, c); key_value: (B, K, c); output: (B, Q, c)
 
-    Example:
+    Examples:
         >>> attn = GateAttention(1024, 4)
         >>> attn(torch.randn(2, 1, 1024), torch.randn(2, 4, 1024)).shape
         torch.Size([2, 1, 1024])
@@ -52,7 +52,7 @@ class GateAttention(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateAttention", device, dtype)
         if dim % num_heads != 0:
             raise ValueError(f"GateAttention: num_heads={num_heads} must divide dim={dim}")
         self.dim, self.num_heads = dim, num_heads
@@ -106,7 +106,7 @@ class GateBlock(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {"device": device, "dtype": dtype}
+        dd = factory_kwargs("GateBlock", device, dtype)
         self.cross_attention = GateAttention(dim, num_heads, **dd)
         self.ffn = nn.Sequential(nn.Linear(dim, dim, **dd), nn.ReLU(), nn.Linear(dim, dim, **dd))
         self.norm1 = nn.LayerNorm(dim, **dd)
@@ -130,7 +130,7 @@ class InstructionGate(nn.Module):
     r"""Softmax weights over K layer groups, chosen by an instruction embedding (IGVA's aggregator).
 
     The instruction embedding, projected to width ``dim`` by ``sentence_proj``, is the single query of
-    ``num_blocks`` post-norm cross-attention blocks (:class:`GateBlock`) whose keys and values are the K
+    ``num_blocks`` post-norm cross-attention blocks (`GateBlock`) whose keys and values are the K
     group summaries projected by ``cls_proj`` (the same keys for every block). ``linear`` maps the final
     query to K logits and a softmax, computed in float32 (float64 stays float64), gives the weights.
 
@@ -157,7 +157,7 @@ class InstructionGate(nn.Module):
         - text: (B, E); summaries: (B, K, C); output: (B, K) in float32 (float64 for float64 inputs),
           rows summing to 1
 
-    Example:
+    Examples:
         >>> gate = InstructionGate(768, 1024, 4)
         >>> gate(torch.randn(2, 768), torch.randn(2, 4, 1024)).sum(-1)
         tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
@@ -194,7 +194,9 @@ class InstructionGate(nn.Module):
             check_positive_int(where, name, value)
         if dim % num_heads != 0:
             raise ValueError(f"{where}: num_heads={num_heads} must divide dim={dim}")
-        dd = {"device": device, "dtype": dtype}
+        check_bool(where, "summary_norm", summary_norm)
+        check_bool(where, "zero_init_head", zero_init_head)
+        dd = factory_kwargs(where, device, dtype)
         self.text_dim, self.summary_dim, self.num_groups = text_dim, summary_dim, num_groups
         self.dim, self.num_blocks, self.num_heads = dim, num_blocks, num_heads
         self.zero_init_head = zero_init_head
@@ -232,6 +234,18 @@ class InstructionGate(nn.Module):
         return self.linear(x.squeeze(1))
 
     def forward(self, text: Tensor, summaries: Tensor) -> Tensor:
+        where = "InstructionGate.forward"
+        check_module_inputs(where, self, text=text, summaries=summaries)
+        check_tensor(where, "text", text, shape=f"(B, {self.text_dim})", ndim=2, last=self.text_dim)
+        check_tensor(
+            where, "summaries", summaries, shape=f"(B, {self.num_groups}, {self.summary_dim})", ndim=3,
+            last=self.summary_dim,
+        )
+        if summaries.shape[:2] != (text.shape[0], self.num_groups):
+            raise ValueError(
+                f"{where}: summaries expected shape ({text.shape[0]}, {self.num_groups}, {self.summary_dim}) "
+                f"(B from text, K = num_groups), got {tuple(summaries.shape)}"
+            )
         logits = self.logits(text, summaries)
         return logits.softmax(dim=-1, dtype=accumulation_dtype(logits.dtype))
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from .._checks import check_float, check_module_inputs, check_positive_int, check_tensor, factory_kwargs
+
 __all__ = ["LayerScale"]
 
 
@@ -35,14 +37,18 @@ class LayerScale(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        self.dim, self.init_value = dim, init_value
-        self.gamma = nn.Parameter(torch.empty(dim, device=device, dtype=dtype))
+        self.dim = check_positive_int("LayerScale", "dim", dim)
+        self.init_value = check_float("LayerScale", "init_value", init_value)
+        self.gamma = nn.Parameter(torch.empty(dim, **factory_kwargs("LayerScale", device, dtype)))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         nn.init.constant_(self.gamma, self.init_value)
 
     def forward(self, x: Tensor) -> Tensor:
+        # a float64 input times float32 gamma promotes, as PyTorch does; only the device must agree
+        check_module_inputs("LayerScale.forward", self, x=x, any_dtype=("x",))
+        check_tensor("LayerScale.forward", "x", x, shape=f"(*, {self.dim})", last=self.dim)
         return x * self.gamma
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._checks import check_grid, check_positive_int
+from .._checks import check_float, check_grid, check_positive_int
 
 __all__ = ["sincos_2d"]
 
@@ -35,12 +35,13 @@ def sincos_2d(
         dim: channels, a multiple of 4.
         temperature: frequency base. Default: ``10000``
 
-    Example:
+    Examples:
         >>> sincos_2d((24, 32), 256).shape
         torch.Size([768, 256])
     """
     h, w = check_grid("sincos_2d", grid)
     check_positive_int("sincos_2d", "dim", dim)
+    temperature = check_float("sincos_2d", "temperature", temperature, low=0.0, low_open=True)
     if dim % 4:
         raise ValueError(f"sincos_2d: dim expected a multiple of 4 (sin and cos of y and x), got {dim}")
     num_freq = dim // 4

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_positive_int
+from .._checks import check_module_inputs, check_positive_int, check_string, factory_kwargs
 from ..serialization import PretrainedMixin
 
 __all__ = ["Projector", "build_projector"]
@@ -33,7 +33,7 @@ class Projector(PretrainedMixin, nn.Sequential):
     Shape:
         - input: (\*, in_dim); output: (\*, out_dim)
 
-    Example:
+    Examples:
         >>> proj = Projector("mlp2x_gelu", 3072, 4096)
         >>> proj(torch.randn(2, 576, 3072)).shape
         torch.Size([2, 576, 4096])
@@ -53,9 +53,10 @@ class Projector(PretrainedMixin, nn.Sequential):
         dtype: torch.dtype | None = None,
     ) -> None:
         where = "Projector"
+        check_string(where, "kind", kind, "a projector type string ('linear', 'identity' or 'mlp{N}x_gelu')")
         check_positive_int(where, "in_dim", in_dim)
         check_positive_int(where, "out_dim", out_dim)
-        dd: dict[str, Any] = {"device": device, "dtype": dtype}
+        dd: dict[str, Any] = factory_kwargs(where, device, dtype)
         if kind == "identity":
             if in_dim != out_dim:
                 raise ValueError(f"{where}: kind='identity' needs in_dim == out_dim, got {in_dim} and {out_dim}")
@@ -85,8 +86,12 @@ class Projector(PretrainedMixin, nn.Sequential):
         return f"kind={self.kind!r}, in_dim={self.in_dim}, out_dim={self.out_dim}"
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.shape[-1] != self.in_dim:
-            raise ValueError(f"Projector.forward: input expected shape (*, {self.in_dim}), got {tuple(x.shape)}")
+        where = "Projector.forward"
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{where}: x expected a torch.Tensor (*, {self.in_dim}), got {type(x).__name__}")
+        check_module_inputs(where, self, x=x)
+        if x.ndim == 0 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"{where}: x expected shape (*, {self.in_dim}), got {tuple(x.shape)}")
         return super().forward(x)
 
 
@@ -98,5 +103,5 @@ def build_projector(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Projector:
-    """LLaVA's ``build_vision_projector`` by ``mm_projector_type`` string; see :class:`Projector`."""
+    """LLaVA's ``build_vision_projector`` by ``mm_projector_type`` string; see [`Projector`][layerfuse.Projector]."""
     return Projector(kind, in_dim, out_dim, device=device, dtype=dtype)

@@ -29,8 +29,20 @@ def layer_mean(tensors: Sequence[Tensor], *, out_dtype: torch.dtype | None = Non
     Returns:
         A tensor of the common shape.
     """
+    where = "layer_mean"
+    if isinstance(tensors, Tensor) or not isinstance(tensors, Sequence):
+        raise TypeError(f"{where}: tensors expected a sequence (list or tuple) of tensors, got {type(tensors).__name__}")
     if len(tensors) == 0:
-        raise ValueError("layer_mean: tensors expected at least one tensor, got an empty sequence")
+        raise ValueError(f"{where}: tensors expected at least one tensor, got an empty sequence")
+    for i, t in enumerate(tensors):
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            got = f"dtype {t.dtype}" if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"{where}: tensors[{i}] expected a floating-point tensor, got {got}")
+        if t.shape != tensors[0].shape or t.device != tensors[0].device:
+            raise ValueError(
+                f"{where}: tensors[{i}] has shape {tuple(t.shape)} on {t.device} but tensors[0] has "
+                f"{tuple(tensors[0].shape)} on {tensors[0].device}; the mean needs one shape and device"
+            )
     acc = accumulation_dtype(tensors[0].dtype)
     # One accumulator, added into in place (autograd-safe: neither op saves its input); a bf16 addend
     # is promoted per element inside the kernel, never copied to float32 as a whole.

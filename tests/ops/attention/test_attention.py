@@ -274,3 +274,31 @@ def test_xformers_adapter_layout_and_bias_with_a_stand_in_kernel(monkeypatch):
     assert bias.shape == (B, H, NQ, NK)
     assert bias.stride(-2) % 8 == 0
     assert torch.equal(torch.isinf(bias), ~mask.expand(B, H, NQ, NK))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mask_kind", ["none", "additive"])
+@pytest.mark.parametrize(("name", "device", "dtype"), [*backend_cases(), pytest.param("auto", "cpu", torch.float32)])
+def test_non_finite_query_row_gives_nan_on_every_backend(name, device, dtype, mask_kind, bad):
+    # CPU flash SDPA, which "auto" picks on the CPU, returns 0 for a NaN query row by itself.
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(B, H, n, D, generator=g, dtype=torch.float64) for n in (NQ, NK, NK))
+    q[1, 2, 2, 4] = bad  # row 3 is the fully masked row of the additive mask
+    mask = make_mask(mask_kind, "cpu", torch.float64)
+    expected = attention(q, k, v, mask=mask, backend="eager")
+    q, k, v = (t.to(device, dtype) for t in (q, k, v))
+    out = attention(q, k, v, mask=None if mask is None else mask.to(device, dtype), backend=name).cpu()
+    assert torch.equal(out.isnan(), expected.isnan())
+    assert out[1, 2, 2].isnan().all()
+    assert torch.isfinite(out[~out.isnan()]).all()
+    assert out.isnan().sum() == D
+
+
+@pytest.mark.parametrize("name", ["sdpa", "eager"])
+def test_non_finite_query_in_windowed_attention_gives_nan(name):
+    from layerfuse.ops.attention.window import windowed_attention
+
+    q, k = torch.randn(1, 2, 12, 4), torch.randn(1, 2, 12, 4)
+    q[0, 1, 5, 0] = float("nan")
+    out = windowed_attention(q, k, k, query_grid=(3, 4), key_grids=[(3, 4)], window=2, backend=name)
+    assert out.isnan().nonzero()[:, :3].unique(dim=0).tolist() == [[0, 1, 5]]

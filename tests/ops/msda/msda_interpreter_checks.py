@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # tests/, for msda
 
 from layerfuse.ops import ms_deform_attn
 from layerfuse.ops.msda.triton_op import ms_deform_attn_backward, ms_deform_attn_forward
-from msda_utils import border_locations, make_inputs
+from msda_utils import border_locations, grid_sample_oracle, make_inputs, second_derivative_case
 
 
 def compare(name, shapes, value, loc, attn, *, atol, rtol):
@@ -56,6 +56,44 @@ def main() -> None:
     value, loc, attn = make_inputs(shapes, batch=1, queries=4, heads=2, head_dim=4, points=2, requires_grad=False)
     compare("bfloat16 value", shapes, value.bfloat16().requires_grad_(), loc.float().requires_grad_(),
             attn.float().requires_grad_(), atol=1.6e-2, rtol=1.6e-2)
+
+    # NaN and infinite locations give NaN exactly where grid_sample does, with odd head counts too.
+    shapes = [(3, 5), (2, 2)]
+    for heads in (1, 3):
+        for bad in (float("nan"), float("inf"), -float("inf")):
+            value, loc, attn = make_inputs(shapes, batch=2, queries=3, heads=heads, head_dim=2, points=2)
+            loc = loc.detach().clone()
+            loc[0, 1, heads - 1, 1, 0, 0] = bad
+            out = ms_deform_attn(value, shapes, loc, attn, backend="triton")
+            expected = grid_sample_oracle(value, shapes, loc, attn)
+            torch.testing.assert_close(out, expected, equal_nan=True, atol=1e-12, rtol=1e-12)
+            assert out.isnan().sum() == 2, f"non-finite location {bad}, heads={heads}: {out}"
+            grads = torch.autograd.grad(out.nan_to_num().sum(), (value, attn))
+            assert torch.isfinite(grads[0]).all(), "a non-finite location must not reach the value gradient"
+            assert grads[1].isnan().sum() == 1
+    print("ok non-finite")
+
+    # Empty batch and no queries.
+    for batch, queries in ((0, 3), (2, 0)):
+        value, loc, attn = make_inputs(shapes, batch=batch, queries=queries, heads=3)
+        out = ms_deform_attn(value, shapes, loc, attn, backend="triton")
+        assert out.shape == (batch, queries, 9), out.shape
+        grads = torch.autograd.grad(out.sum(), (value, loc, attn))
+        assert [g.shape for g in grads] == [value.shape, loc.shape, attn.shape]
+    print("ok empty")
+
+    # Second derivatives: the closed-form case, and gradgradcheck.
+    value, loc, attn, expected = second_derivative_case()
+    out = ms_deform_attn(value, [(2, 2)], loc, attn, backend="triton")
+    (grad_value,) = torch.autograd.grad(out.square().sum(), value, create_graph=True)
+    got = torch.autograd.grad(grad_value.square().sum(), (loc, attn))
+    for g, want in zip(got, expected):
+        torch.testing.assert_close(g.flatten(), want, atol=1e-5, rtol=0)
+    value, loc, attn = make_inputs([(3, 4), (2, 2)], batch=1, queries=3, heads=2, head_dim=2, points=2)
+    assert torch.autograd.gradgradcheck(
+        lambda v, lc, a: ms_deform_attn(v, [(3, 4), (2, 2)], lc, a, backend="triton"), (value, loc, attn)
+    )
+    print("ok double-backward")
 
     # The ops themselves: schema, fake kernels, autograd registration. AOT dispatch is left to the
     # CUDA tests: there the kernel would be handed functional wrapper tensors, whose storage the

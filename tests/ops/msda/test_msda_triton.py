@@ -32,7 +32,8 @@ def test_interpreter_matches_pytorch_path():
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.split() == ["ok", "mixed", "levels", "float64", "ok", "borders", "float64",
-                                     "ok", "bfloat16", "value", "ok", "opcheck"]
+                                     "ok", "bfloat16", "value", "ok", "non-finite", "ok", "empty",
+                                     "ok", "double-backward", "ok", "opcheck"]
 
 
 def _check_against_pytorch(shapes, value, loc, attn):

@@ -2,7 +2,7 @@
 
 Each class subclasses the transformers class of the same family and changes one thing: the image
 features are ``LayerTap`` on the model's own vision tower (only the hidden states the fusion needs, the
-forward stopped after the deepest one), then the :class:`~layerfuse.FusionProjector` stored at
+forward stopped after the deepest one), then the `FusionProjector` stored at
 ``multi_modal_projector``. Everything else (the placeholder scatter, the LLM, the loss, ``generate``,
 LLaVA-NeXT's anyres packing) is the transformers code. The fusion's architecture lives in
 ``config.fusion`` (``FusionProjector.get_config()``), so ``save_pretrained`` / ``from_pretrained``
@@ -60,14 +60,14 @@ class LayerfuseLlavaConfig(LlavaConfig):
 
 
 class LayerfuseLlavaNextConfig(LlavaNextConfig):
-    """``LlavaNextConfig`` plus ``fusion`` (see :class:`LayerfuseLlavaConfig`)."""
+    """``LlavaNextConfig`` plus ``fusion`` (see `LayerfuseLlavaConfig`)."""
 
     model_type = "layerfuse_llava_next"
     fusion: dict | None = None
 
 
 class LayerfuseLlavaOnevisionConfig(LlavaOnevisionConfig):
-    """``LlavaOnevisionConfig`` plus ``fusion`` (see :class:`LayerfuseLlavaConfig`)."""
+    """``LlavaOnevisionConfig`` plus ``fusion`` (see `LayerfuseLlavaConfig`)."""
 
     model_type = "layerfuse_llava_onevision"
     fusion: dict | None = None
@@ -495,7 +495,7 @@ FUSED_MODEL_TYPES: dict[type, tuple[type, type]] = {
 def register_auto_classes() -> None:
     """Register the configs with ``AutoConfig`` and the models with ``AutoModel`` / ``AutoModelForImageTextToText``.
 
-    Idempotent; runs when :mod:`layerfuse.integrations.transformers` is imported (and when transformers is
+    Idempotent; runs when `layerfuse.integrations.transformers` is imported (and when transformers is
     imported after layerfuse), so ``AutoModelForImageTextToText.from_pretrained(dir)`` loads a fused model.
     """
     from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText

@@ -2,9 +2,9 @@
 
 PEFT never wraps a fusion module when it is named in ``modules_to_save``: PEFT excludes those modules
 from adapter matching and trains (and saves) a full copy of them instead, which is what a fusion
-projector needs. :func:`set_training_stage` does that for you; with a hand-made ``LoraConfig`` pass
+projector needs. `set_training_stage` does that for you; with a hand-made ``LoraConfig`` pass
 ``modules_to_save=list(FUSION_MODULES)``. Name-list recipes (LLaVA's ``find_all_linear_names``,
-:func:`llm_linear_names`) collect LLM leaf names that PEFT matches as suffixes anywhere in the model;
+`llm_linear_names`) collect LLM leaf names that PEFT matches as suffixes anywhere in the model;
 no fuser leaf module shares a name with the linear layers of the common LLM families, so those lists
 never reach into the fusion projector either.
 """

@@ -1,11 +1,11 @@
-"""The public :func:`attention` op: validate, pick a backend, make fully masked rows zero."""
+"""The public [`attention`][layerfuse.ops.attention.attention] op: validate, pick a backend, make fully masked rows zero."""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
-from .dispatch import AttentionInputs, select_backend
+from .dispatch import AttentionInputs, apply_backend, select_backend
 
 __all__ = ["attention"]
 
@@ -45,6 +45,11 @@ def attention(
     backend. They are computed as if unmasked and then zeroed, so no NaN appears in the forward or
     the backward pass.
 
+    **Non-finite input** gives the same NaN on every backend: a query row holding NaN or ±Inf
+    returns NaN in that row (the eager formula's result; PyTorch's fused CPU SDPA kernel alone would
+    return 0 there, so the row is set to NaN after the kernel), and a NaN key or value, or a NaN in an
+    additive mask, reaches the outputs it enters as in the eager formula. Fully masked rows stay 0.
+
     **Precision**: the eager backend accumulates scores, softmax and the weighted sum in float32
     under bfloat16/float16 (float64 stays float64); the fused SDPA and xformers kernels accumulate
     in float32 internally.
@@ -62,7 +67,7 @@ def attention(
             ``p if self.training else 0.0`` from a module.
         scale: factor on q·kᵀ. Default: ``D ** -0.5``.
         backend: ``"auto"``, ``"sdpa"``, ``"xformers"``, ``"eager"`` or a name given to
-            :func:`register_backend`. ``"auto"`` tries SDPA, then xformers on CUDA, then eager, and
+            [`register_backend`][layerfuse.ops.attention.register_backend]. ``"auto"`` tries SDPA, then xformers on CUDA, then eager, and
             takes the first that supports the device, dtype, head size and mask. A backend named
             explicitly never falls back: if it cannot run the inputs a ``ValueError`` says why.
 
@@ -74,7 +79,7 @@ def attention(
         ValueError: inconsistent shapes (the message prints every shape), tensors on different
             devices, an unknown backend, or a named backend that cannot run the inputs.
 
-    Example:
+    Examples:
         >>> q = torch.randn(2, 8, 576, 64)
         >>> kv = torch.randn(2, 8, 4 * 576, 64)
         >>> attention(q, kv, kv).shape
@@ -84,7 +89,7 @@ def attention(
     inputs.validate()
     chosen = select_backend(inputs, backend)
     if mask is None:
-        return chosen.apply(inputs)
+        return apply_backend(chosen, inputs)
     # Rows without any key are run unmasked (finite everywhere, also in backward) and zeroed after, so
     # every backend returns the same zeros instead of its own NaN or garbage.
     if mask.dtype == torch.bool:
@@ -93,5 +98,5 @@ def attention(
     else:
         keep = (mask > float("-inf")).any(dim=-1, keepdim=True)
         safe = mask.masked_fill(~keep, 0.0)
-    out = chosen.apply(AttentionInputs(q, k, v, safe, dropout_p, scale))
+    out = apply_backend(chosen, AttentionInputs(q, k, v, safe, dropout_p, scale))
     return out.masked_fill(~keep, 0.0)

@@ -1,6 +1,6 @@
-"""Inputs, backend interface and registry of :func:`layerfuse.ops.attention.attention`.
+"""Inputs, backend interface and registry of [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention].
 
-Modelled on xformers' fMHA dispatch: every call is packed into one :class:`AttentionInputs`, each
+Modelled on xformers' fMHA dispatch: every call is packed into one [`AttentionInputs`][layerfuse.ops.attention.AttentionInputs], each
 backend says in words why it cannot run those inputs (``not_supported_reasons``), and
 ``backend="auto"`` walks a per-device priority list taking the first backend with no reasons. A
 backend named explicitly is held to the same reasons and raises instead of falling back.
@@ -22,6 +22,7 @@ __all__ = [
     "REGISTRY",
     "AttentionBackend",
     "AttentionInputs",
+    "apply_backend",
     "auto_order",
     "backend_names",
     "check_backend_name",
@@ -37,7 +38,7 @@ _FLOATS = FLOAT_DTYPES
 
 @dataclass(frozen=True)
 class AttentionInputs:
-    """The arguments of one :func:`~layerfuse.ops.attention.attention` call.
+    """The arguments of one [`attention`][layerfuse.ops.attention.attention] call.
 
     Attributes:
         query: (B, H, Nq, D).
@@ -158,9 +159,9 @@ class AttentionInputs:
 
 
 class AttentionBackend(Backend[AttentionInputs]):
-    """One implementation of :func:`~layerfuse.ops.attention.attention`.
+    """One implementation of [`attention`][layerfuse.ops.attention.attention].
 
-    Subclasses declare what they support in the class attributes below and implement :meth:`apply`.
+    Subclasses declare what they support in the class attributes below and implement [`apply`][layerfuse.ops.attention.dispatch.AttentionBackend.apply].
     ``not_supported_reasons`` returns an empty list when the backend can run the inputs, otherwise one
     line per problem, each naming what came in and what is supported, e.g.
     ``"dtype=float64 (supported: bfloat16, float16, float32)"``.
@@ -199,3 +200,16 @@ get_backend = REGISTRY.get
 check_backend_name = REGISTRY.check_name
 auto_order = REGISTRY.auto_order
 select_backend = REGISTRY.select
+
+
+def apply_backend(backend: AttentionBackend, inputs: AttentionInputs) -> Tensor:
+    """Run ``backend`` on ``inputs``, with a query row holding NaN or ±Inf giving NaN on every backend.
+
+    The eager formula turns such a row into NaN (its scores hold NaN, or ±Inf whose softmax is NaN).
+    PyTorch's fused CPU SDPA kernel returns 0 for a NaN query row instead, so without this the result
+    would depend on the backend ``"auto"`` picks. Keys and values need nothing: every backend already
+    makes a NaN key or value reach the whole output.
+    """
+    out = backend.apply(inputs)
+    finite = torch.isfinite(inputs.query).all(dim=-1, keepdim=True)
+    return out.masked_fill(~finite, float("nan"))

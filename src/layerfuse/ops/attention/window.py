@@ -10,8 +10,8 @@ every level. With equal grids and odd ``w`` this is the usual centred ``w × w``
 Computation. Queries are cut into tiles; every tile gathers the union of its queries' windows (its
 "halo") from every level and runs one dense attention call with a mask that keeps each query inside
 its own window. Memory and work grow linearly with the number of tokens, the result equals full
-attention under :func:`window_mask`, and it runs on the same backends as
-:func:`~layerfuse.ops.attention.attention` (no compilation needed).
+attention under [`window_mask`][layerfuse.ops.attention.window_mask], and it runs on the same backends as
+[`attention`][layerfuse.ops.attention.attention] (no compilation needed).
 """
 
 # b batch, h heads, d head dim, th/tw tiles along rows/cols (t = th·tw), a/c query rows/cols inside a
@@ -27,7 +27,7 @@ from einops import rearrange
 from torch import Tensor
 
 from ..._checks import check_grid, check_positive_int
-from .dispatch import AttentionInputs, select_backend
+from .dispatch import AttentionInputs, apply_backend, select_backend
 
 __all__ = ["default_tile", "resolve_windows", "window_mask", "window_starts", "windowed_attention"]
 
@@ -91,7 +91,7 @@ def window_mask(
 ) -> Tensor:
     """The bool (Hq·Wq, sum of H·W) mask, True inside each query's window, levels concatenated in order.
 
-    ``attention(q, k, v, mask=window_mask(...))`` equals :func:`windowed_attention`, at a memory cost
+    ``attention(q, k, v, mask=window_mask(...))`` equals [`windowed_attention`][layerfuse.ops.attention.windowed_attention], at a memory cost
     of Nq × Nk; it exists to define and test the windowed path.
     """
     qgrid, kgrids = _check_grids("window_mask", query_grid, key_grids)
@@ -214,9 +214,9 @@ def windowed_attention(
             level's shorter side.
         dropout_p: attention dropout probability (applied whenever > 0).
         scale: factor on q·kᵀ. Default: ``D ** -0.5``.
-        backend: attention backend, as in :func:`~layerfuse.ops.attention.attention`.
+        backend: attention backend, as in [`attention`][layerfuse.ops.attention.attention].
         tile: largest query tile side (tiles are evened out over the grid); changes speed and
-            memory only, never the result. Default: :func:`default_tile`.
+            memory only, never the result. Default: `default_tile`.
 
     Returns:
         (B, H, Hq·Wq, Dv), equal to ``attention(q, k, v, mask=window_mask(query_grid, key_grids,
@@ -248,6 +248,7 @@ def windowed_attention(
     tiled = AttentionInputs(q_tiles, k_tiles, v_tiles, mask[:, None], dropout_p, scale)
     # Every window holds at least one token, so the fully-masked-row handling of attention() is not
     # needed; the backend runs directly.
-    out = select_backend(tiled, backend).apply(tiled)
-    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b)
+    out = apply_backend(select_backend(tiled, backend), tiled)
+    # Both b and h named: with B = 0 einops could not infer h from (b h) = 0.
+    out = rearrange(out, "t (b h) n d -> b (t n) h d", b=b, h=q.shape[1])
     return out.index_select(1, output_index).transpose(1, 2)

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (MSDA) sampling, the core of Deformable-DETR and MMFuser.
 
-Backends: ``"pytorch"`` (:mod:`.reference`, every device and dtype, the test oracle) and
-``"triton"`` (:mod:`.triton_op`, CUDA). ``backend="auto"`` picks Triton on CUDA when it can run the
+Backends: ``"pytorch"`` (`reference`, every device and dtype, the test oracle) and
+``"triton"`` (`triton_op`, CUDA). ``backend="auto"`` picks Triton on CUDA when it can run the
 inputs and the PyTorch path otherwise.
 """
 
@@ -49,7 +49,11 @@ def ms_deform_attn(
     ((i + 0.5)/W, (j + 0.5)/H), and the parts of the bilinear footprint outside a map contribute 0
     (so a location one pixel or more outside gives 0). Sampling and the weighted sum accumulate in
     float32 when the inputs are bfloat16/float16 (float64 stays float64), as the authors' CUDA op does
-    after its float32 cast; the result is returned in ``value.dtype``.
+    after its float32 cast; the result is returned in ``value.dtype``. A sample at a NaN or ±Inf
+    location makes its (query, head) output NaN, as ``grid_sample`` does; B = 0 or Nq = 0 gives an
+    empty result. Second derivatives are exact on every backend (``gradgradcheck``-ed in float64).
+    At a pixel centre the location gradient is a one-sided derivative (the interpolant has a kink
+    there), which may be the other side than ``grid_sample``'s.
 
     Equivalent plain PyTorch code (the straightforward form; the ``"pytorch"`` backend computes the
     same thing faster and with less memory):
@@ -84,7 +88,7 @@ def ms_deform_attn(
         attention_weights: (B, Nq, M, L, P) weight of each sample, already normalised by the caller
             (MMFuser applies a softmax over L·P).
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"pytorch"``, ``"triton"`` or a
-            name given to :func:`register_backend`. An explicitly named backend that cannot run the
+            name given to [`register_backend`][layerfuse.ops.msda.register_backend]. An explicitly named backend that cannot run the
             inputs raises ``ValueError`` listing why; only ``"auto"`` falls back.
 
     Returns:
@@ -95,7 +99,7 @@ def ms_deform_attn(
         ValueError: inconsistent shapes (the message prints every input's shape), tensors on
             different devices, an unknown backend, or a named backend that cannot run the inputs.
 
-    Example:
+    Examples:
         >>> value = torch.randn(2, 4 * 24 * 24, 16, 64)
         >>> loc = torch.rand(2, 576, 16, 4, 4, 2)
         >>> weights = torch.rand(2, 576, 16, 4, 4).flatten(-2).softmax(-1).unflatten(-1, (4, 4))

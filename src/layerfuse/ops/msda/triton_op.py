@@ -1,6 +1,6 @@
 """Triton backend: launchers, the ``layerfuse::ms_deform_attn_*`` custom ops, fake kernels, autograd.
 
-The kernels (:mod:`.triton_kernels`) are imported on first use, so this module (and layerfuse)
+The kernels (`triton_kernels`) are imported on first use, so this module (and layerfuse)
 imports without Triton or CUDA. Both directions are ``torch.library`` ops with shape-only fake
 kernels, so ``torch.compile`` and ``torch.export`` trace through them; with
 ``torch.library.triton_op`` (feature-detected) Inductor also sees the kernels themselves.
@@ -16,6 +16,7 @@ from torch import Tensor
 
 from ..._optional import is_available
 from .common import MSDABackend, MSDAInputs
+from .reference import ms_deform_attn_pytorch
 
 __all__ = ["TritonBackend", "ms_deform_attn_backward", "ms_deform_attn_forward"]
 
@@ -74,6 +75,8 @@ def ms_deform_attn_forward(
     _, nq, _, num_levels, num_points, _ = loc.shape
     shapes, starts = _level_tables(spatial_shapes, value.device)
     out = value.new_empty(b, nq, m * d)
+    if out.numel() == 0:  # B = 0 or no queries: a launch grid of size 0 is an error
+        return out
     block_d = _next_power_of_2(d)
     block_q = max(1, min(64, _TILE_FORWARD // block_d))
     _wrap(msda_forward_kernel)[_grid(b, nq, m, block_q)](
@@ -96,7 +99,7 @@ def _forward_fake(
 def ms_deform_attn_backward(
     grad_out: Tensor, value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor, attention_weights: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`ms_deform_attn_forward` wrt value, sampling_locations, attention_weights."""
+    """Gradients of `ms_deform_attn_forward` wrt value, sampling_locations, attention_weights."""
     from .triton_kernels import msda_backward_kernel
 
     value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
@@ -109,6 +112,8 @@ def ms_deform_attn_backward(
     grad_value = torch.zeros(value.shape, dtype=acc, device=value.device)
     grad_loc = torch.empty_like(loc)
     grad_attn = torch.empty_like(attn)
+    if grad_attn.numel() == 0:
+        return grad_value.to(value.dtype), grad_loc, grad_attn
     block_d = _next_power_of_2(d)
     block_q = max(1, min(32, _TILE_BACKWARD // block_d))
     _wrap(msda_backward_kernel)[_grid(b, nq, m, block_q)](
@@ -132,8 +137,19 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(value, sampling_locations, attention_weights)
 
 
-def _backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
+def _backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, None, Tensor | None, Tensor | None]:
     value, loc, attn = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # create_graph=True: the kernel's gradients are not differentiable, so they are taken from
+        # the PyTorch path (same values), whose own backward is differentiable.
+        shapes = tuple(zip(ctx.spatial_shapes[0::2], ctx.spatial_shapes[1::2]))
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3])
+        wrt = [t for t, need in zip((value, loc, attn), needs) if need]
+        grads = iter(torch.autograd.grad(
+            ms_deform_attn_pytorch(value, shapes, loc, attn), wrt, grad_out, create_graph=True
+        ))
+        grad_value, grad_loc, grad_attn = (next(grads) if need else None for need in needs)
+        return grad_value, None, grad_loc, grad_attn
     grad_value, grad_loc, grad_attn = ms_deform_attn_backward(grad_out, value, ctx.spatial_shapes, loc, attn)
     return grad_value, None, grad_loc, grad_attn
 
