@@ -12,9 +12,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._optional import is_available
+from .table import Table
 
 if TYPE_CHECKING:
-    from .demo import DemoContext, Table
+    from .demo import DemoContext
 
 __all__ = ["hf_step"]
 
@@ -49,8 +50,6 @@ def _tiny_llava(tokenizer: Any, device: torch.device) -> Any:
 
 def hf_step(ctx: DemoContext) -> Table:
     """Fuse MMFuser into a tiny HF LLaVA, then tokenise a prompt, generate and decode."""
-    from .demo import Table
-
     title = "End to end in a Hugging Face LLaVA (tiny LLM, random weights)"
     if not is_available("transformers"):
         return Table(title, ("status",), [("skipped: needs transformers (pip install 'layerfuse[hf]')",)])
