@@ -11,6 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
+from .integrations._autoregister import install as _install_auto_classes
 
 if TYPE_CHECKING:  # what static tools (type checkers, the API docs) read; at run time see __getattr__
     from .convert import from_official
@@ -61,6 +62,11 @@ __all__ = [
     "build_projector",
     "from_official",
 ]
+
+
+# fused LLaVA checkpoints load through transformers' Auto classes once layerfuse is imported (registered
+# when transformers is imported, so this import stays free of torch and transformers)
+_install_auto_classes()
 
 
 def __getattr__(name: str) -> Any:

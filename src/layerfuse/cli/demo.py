@@ -29,8 +29,10 @@ from ..fusers import (
 )
 from ..layers import Projector
 from ..taps import LayerTap
+from .demo_hf import hf_step
 from .demo_vit import DemoViT
 from .main import SUMMARIES
+from .table import Table
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
@@ -90,23 +92,6 @@ class DemoContext:
     images: Tensor
     methods: list[DemoMethod]
     features: dict[str, LayerFeatures] = field(default_factory=dict)  # keyed by method name
-
-
-@dataclass
-class Table:
-    """A titled table of strings with optional notes printed under it."""
-
-    title: str
-    header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    notes: list[str] = field(default_factory=list)
-
-    def render(self) -> str:
-        widths = [max(len(str(cell)) for cell in column) for column in zip(self.header, *self.rows)]
-        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in self.rows]
-        return "\n".join([*lines, *self.notes])
 
 
 @dataclass(frozen=True)
@@ -181,7 +166,7 @@ def fuse_step(ctx: DemoContext) -> Table:
     return Table(f"Fusers + LLaVA projector (mlp2x_gelu to {ctx.args.llm_dim})", header, rows, notes)
 
 
-STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step)]
+STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step), DemoStep("hf", hf_step)]
 
 
 def register(subparsers: Any) -> None:

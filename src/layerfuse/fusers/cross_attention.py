@@ -48,8 +48,9 @@ class CrossAttentionFuser(DeepQueryFuser):
     tokens, and the result equals full attention under the explicit
     [`window_mask`][layerfuse.ops.attention.window_mask].
 
-    Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``fc1``, ``fc2``) avoid the LLM projection
-    names that LoRA targets by suffix (``q_proj``, ``v_proj``, ``o_proj``, ...).
+    Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``ffn_in``, ``ffn_out``) differ from the linear
+    layer names of the common LLM families (``q_proj``, ``o_proj``, OPT's and Phi's ``fc1``/``fc2``,
+    MPT's ``out_proj``, ...), which LoRA name lists match as suffixes anywhere in the model.
 
     Args:
         dim: channels C of every input layer (the ViT width) and of the output.
@@ -145,7 +146,7 @@ class CrossAttentionFuser(DeepQueryFuser):
         self.mlp = (
             nn.Sequential(
                 OrderedDict(
-                    fc1=nn.Linear(dim, hidden, **dd), act=nn.GELU(), fc2=nn.Linear(hidden, dim, **dd)
+                    ffn_in=nn.Linear(dim, hidden, **dd), act=nn.GELU(), ffn_out=nn.Linear(hidden, dim, **dd)
                 )
             )
             if hidden
