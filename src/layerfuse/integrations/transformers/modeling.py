@@ -15,7 +15,7 @@ import inspect
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -31,7 +31,9 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
 from ...fusers.pipeline import FusionProjector
+from ...internal import InternalFusion
 from ...taps import LayerTap
+from .internal import active_internal_fusion, image_token_mask, internal_fusion_config, split_internal_levels
 
 __all__ = [
     "FUSED_MODEL_TYPES",
@@ -53,10 +55,15 @@ __all__ = [
 
 
 class LayerfuseLlavaConfig(LlavaConfig):
-    """``LlavaConfig`` plus ``fusion``: the ``FusionProjector.get_config()`` of ``multi_modal_projector``."""
+    """``LlavaConfig`` plus ``fusion``: the ``FusionProjector.get_config()`` of ``multi_modal_projector``.
+
+    And ``internal_fusion``, ``None`` or ``{"fusion": InternalFusion.fusion_config(), "layers": [...]}``:
+    the internal fusion held at ``model.internal_fusion`` and the ViT layer of each of its levels.
+    """
 
     model_type = "layerfuse_llava"
     fusion: dict | None = None
+    internal_fusion: dict | None = None
 
 
 class LayerfuseLlavaNextConfig(LlavaNextConfig):
@@ -79,7 +86,7 @@ def takes_instruction(fusion_config: dict[str, Any]) -> bool:
     return fuser["class"] == "InstructionGatedFuser" and bool(fuser["config"].get("gated", True))
 
 
-def mark_initialized(module: FusionProjector) -> FusionProjector:
+def mark_initialized(module: nn.Module) -> nn.Module:
     """Flag ``module`` as initialised so transformers' ``post_init`` keeps the fusers' own initialisation.
 
     transformers re-initialises every ``nn.Linear`` / ``LayerNorm`` it has not flagged with its own
@@ -113,9 +120,14 @@ class _FusedImageFeatures:
         fusion = _fusion_config(type(self).__name__, self.config)
         # replaces the stock LlavaMultiModalProjector the parent __init__ built
         self.multi_modal_projector = mark_initialized(FusionProjector.from_config(fusion))
+        internal = internal_fusion_config(type(self).__name__, self.config)
+        if internal is not None:
+            self.internal_fusion = mark_initialized(InternalFusion.from_fusion_config(internal["fusion"]))
 
     def fused_image_features(self, pixel_values: Tensor, instruction_embeds: Tensor | None = None) -> Tensor:
         """``multi_modal_projector(LayerTap(vision_tower, layers, tokens=tokens)(pixel_values))``.
+
+        See `fused_and_internal_features` for the internal fusion's levels of the same tower forward.
 
         Args:
             pixel_values: (B, C, H, W) images (anyres crops already flattened into B).
@@ -124,6 +136,20 @@ class _FusedImageFeatures:
 
         Returns:
             (B, T, D) visual tokens in the projector's dtype.
+        """
+        return self.fused_and_internal_features(pixel_values, instruction_embeds)[0]
+
+    def fused_and_internal_features(
+        self, pixel_values: Tensor, instruction_embeds: Tensor | None = None
+    ) -> tuple[Tensor, list[Tensor] | None]:
+        """The fusion projector's visual tokens and the internal fusion's levels, from one tower forward.
+
+        The tap holds the projector's layers followed by ``config.internal_fusion["layers"]``; the
+        internal levels are their patch tokens (window-ordered for a DeepStack patch merger).
+
+        Returns:
+            ``(tokens, levels)``: (B, T, D) as `fused_image_features`, and one (B, N, C) tensor per
+            internal level, or ``None`` without an internal fusion.
         """
         where = f"{type(self).__name__}.fused_image_features"
         fusion = _fusion_config(where, self.config)
@@ -139,11 +165,20 @@ class _FusedImageFeatures:
                 f"fuser is {fusion['fuser']['class']}, so it has no use for them"
             )
         base = self.model if hasattr(self, "lm_head") else self
-        with LayerTap(base.vision_tower, fusion["layers"], tokens=fusion["tokens"]) as tap:
+        internal = internal_fusion_config(where, self.config)
+        extra = [] if internal is None else internal["layers"]
+        with LayerTap(base.vision_tower, [*fusion["layers"], *extra], tokens=fusion["tokens"]) as tap:
             features = tap(pixel_values)
+            num_prefix_tokens = tap.num_prefix_tokens
+        levels = None
+        if internal is not None:
+            count = len(fusion["layers"])
+            features, levels = split_internal_levels(
+                features, count, fusion["tokens"], num_prefix_tokens, _unwrapped(base.internal_fusion)
+            )
         if instruction_embeds is None:
-            return base.multi_modal_projector(features)
-        return base.multi_modal_projector(features, text=instruction_embeds)
+            return base.multi_modal_projector(features), levels
+        return base.multi_modal_projector(features, text=instruction_embeds), levels
 
     def _encode_images(self, kwargs: dict[str, Any], instruction_embeds: Tensor | None) -> dict[str, Any]:
         """Turn ``pixel_values`` (+ ``instruction_embeds``) into ``mm_encoder_outputs`` before the parent forward.
@@ -170,7 +205,15 @@ class _FusedImageFeatures:
         kwargs["pixel_values"] = None
         return kwargs
 
+    def _run_parent(self, parent_forward: Any, kwargs: dict[str, Any]) -> Any:
+        return parent_forward(self, **kwargs)
+
     _image_feature_args: tuple[str, ...] = ()
+
+
+def _unwrapped(holder: nn.Module) -> InternalFusion:
+    """The internal fusion's architecture (shared by PEFT's copies): ``holder`` or the wrapper's original."""
+    return holder if isinstance(holder, InternalFusion) else holder.original_module
 
 
 def _forward_with_instruction(parent: type) -> Any:
@@ -187,7 +230,7 @@ def _forward_with_instruction(parent: type) -> Any:
         if len(args) > len(names):
             raise TypeError(f"{type(self).__name__}.forward: expected at most {len(names)} positional arguments")
         kwargs.update(zip(names, args))
-        return parent_forward(self, **self._encode_images(kwargs, instruction_embeds))
+        return self._run_parent(parent_forward, self._encode_images(kwargs, instruction_embeds))
 
     params = list(signature.parameters.values())
     extra = inspect.Parameter("instruction_embeds", inspect.Parameter.KEYWORD_ONLY, default=None)
@@ -246,10 +289,40 @@ class LayerfuseLlavaModel(_FusedImageFeatures, LlavaModel):
                 f"{type(self).__name__}.get_image_features: image_sizes (variable-size Pixtral images) is not "
                 "supported with a fusion projector; pass fixed-size images"
             )
-        features = self.fused_image_features(pixel_values, instruction_embeds)
-        return BaseModelOutputWithPooling(pooler_output=list(features))
+        features, levels = self.fused_and_internal_features(pixel_values, instruction_embeds)
+        # the internal fusion's levels travel with the image features (generate encodes before prefill)
+        return BaseModelOutputWithPooling(
+            pooler_output=list(features), hidden_states=None if levels is None else tuple(levels)
+        )
 
     forward = _forward_with_instruction(LlavaModel)
+
+    # generate sets this: an internal fusion then keeps the prefill's levels for the cached decoding
+    # steps (I_M's cross-attention reads them at every step; I_D and DeepStack add them at prefill only)
+    _generating = False
+
+    def _run_parent(self, parent_forward: Any, kwargs: dict[str, Any]) -> Any:
+        holder = getattr(self, "internal_fusion", None)
+        if holder is None:
+            return parent_forward(self, **kwargs)
+        fusion = active_internal_fusion(holder, self.language_model)
+        image = (kwargs.get("mm_encoder_outputs") or {}).get("image")
+        if image is not None:
+            levels = getattr(image, "hidden_states", None)
+            if levels is None:
+                raise ValueError(
+                    f"{type(self).__name__}.forward: mm_encoder_outputs['image'] lacks the internal fusion's levels "
+                    "(hidden_states); compute it with get_image_features of this model"
+                )
+            mask = image_token_mask(self, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
+            fusion.set_inputs(list(levels), mask)
+        elif not self._generating:
+            fusion.clear_inputs()
+        try:
+            return parent_forward(self, **kwargs)
+        finally:
+            if not self._generating:
+                fusion.clear_inputs()
 
 
 class LayerfuseLlavaForConditionalGeneration(_FusedImageFeatures, LlavaForConditionalGeneration):
@@ -273,6 +346,19 @@ class LayerfuseLlavaForConditionalGeneration(_FusedImageFeatures, LlavaForCondit
         return self.model.get_image_features(pixel_values, instruction_embeds, **kwargs)
 
     forward = _forward_with_instruction(LlavaForConditionalGeneration)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """``LlavaForConditionalGeneration.generate``; an internal fusion gets the prefill's levels."""
+        if getattr(self.model, "internal_fusion", None) is None:
+            return super().generate(*args, **kwargs)
+        self.model._generating = True
+        try:
+            return super().generate(*args, **kwargs)
+        finally:
+            self.model._generating = False
+            for module in self.model.internal_fusion.modules():
+                if isinstance(module, InternalFusion):
+                    module.clear_inputs()
 
     @classmethod
     def from_pretrained(cls, *args: Any, **kwargs: Any) -> Any:
@@ -472,8 +558,9 @@ def _load_checked(load: Any, cls: type, args: tuple, kwargs: dict[str, Any]) -> 
     """
     want_info = kwargs.pop("output_loading_info", False)
     model, info = load(*args, output_loading_info=True, **kwargs)
-    bad = [k for k in info.get("missing_keys", ()) if "multi_modal_projector." in k]
-    bad += [str(k) for k in info.get("mismatched_keys", ()) if "multi_modal_projector." in str(k)]
+    fusion_keys = ("multi_modal_projector.", "internal_fusion.")
+    bad = [k for k in info.get("missing_keys", ()) if any(f in k for f in fusion_keys)]
+    bad += [str(k) for k in info.get("mismatched_keys", ()) if any(f in str(k) for f in fusion_keys)]
     if bad:
         source = args[0] if args else kwargs.get("pretrained_model_name_or_path")
         raise ValueError(

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..._optional import require
 from ...fusers.pipeline import FusionProjector
+from ...internal import InternalFusion
 
 __all__ = [
     "FUSION_MODULES",
@@ -26,15 +27,16 @@ __all__ = [
     "set_training_stage",
 ]
 
-# What `modules_to_save` needs to keep the fusion projector out of LoRA and in the adapter checkpoint.
-FUSION_MODULES: tuple[str, ...] = ("multi_modal_projector",)
+# What `modules_to_save` needs to keep the fusion projector (and an internal fusion, when the model
+# has one) out of LoRA and in the adapter checkpoint.
+FUSION_MODULES: tuple[str, ...] = ("multi_modal_projector", "internal_fusion")
 
 # Module names LLaVA's find_all_linear_names skips, in the HF model's naming.
-_MULTIMODAL_KEYWORDS = ("multi_modal_projector", "vision_tower")
+_MULTIMODAL_KEYWORDS = ("multi_modal_projector", "internal_fusion", "vision_tower")
 
 
 def _fusion_modules(where: str, model: nn.Module) -> list[nn.Module]:
-    found = [(n, m) for n, m in model.named_modules() if isinstance(m, FusionProjector)]
+    found = [(n, m) for n, m in model.named_modules() if isinstance(m, (FusionProjector, InternalFusion))]
     if not found:
         raise ValueError(f"{where}: {type(model).__name__} holds no FusionProjector; build the model with fuse_llava")
     # under PEFT's modules_to_save the trained copy lives next to a frozen original_module
@@ -43,7 +45,9 @@ def _fusion_modules(where: str, model: nn.Module) -> list[nn.Module]:
 
 
 def fusion_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """The parameters of the model's fusion projector (fuser + projector), e.g. for their own learning rate.
+    """The parameters of the model's fusion projector (fuser + projector) and internal fusion, if any.
+
+    E.g. for their own learning rate.
 
     As LLaVA's ``mm_projector_lr``: ``[{"params": fusion_parameters(m), "lr": 2e-5}, {"params": rest}]``.
     Works on a fused model and on its PEFT wrapper (the trained ``modules_to_save`` copy).
