@@ -222,3 +222,46 @@ def test_fuse_llava_refuses_internal_fusions_that_do_not_fit():
             8, hf_tiny.LLM, [0]), internal_layers=[1])
     with pytest.raises(TypeError, match=r"internal expected a layerfuse\.internal InternalFusion"):
         integration.fuse_llava(hf_tiny.llava(), module, internal=torch.nn.Linear(2, 2), internal_layers=[1])
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients_and_reaches_the_internal_fusion():
+    results = []
+    for checkpointing in (False, True):
+        model, _, internal = fused("direct")
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        inputs = batch()
+        labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == IMAGE_TOKEN, -100)
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), [p.grad for p in internal.parameters()]))
+    (loss, grads), (loss_ckpt, grads_ckpt) = results
+    torch.testing.assert_close(loss_ckpt, loss)
+    assert all(g is not None for g in grads_ckpt)
+    for g, g_ckpt in zip(grads, grads_ckpt):
+        torch.testing.assert_close(g_ckpt, g)
+
+
+def test_generate_with_several_sequences_per_prompt_is_refused_clearly():
+    model, _, _ = fused("deepstack")
+    inputs = batch()
+    with pytest.raises(ValueError, match="num_return_sequences > 1 is not supported with an internal fusion"):
+        model.generate(**inputs, max_new_tokens=2, do_sample=True, num_return_sequences=2, pad_token_id=PAD)
+
+
+def test_a_deepstack_patch_merger_gets_its_levels_in_2x2_window_order():
+    from layerfuse.features import LayerFeatures
+    from layerfuse.integrations.transformers.internal import split_internal_levels
+
+    grid, tokens = (4, 4), torch.randn(3, 2, 1 + 16, 8)  # 3 tapped layers, 2 images, CLS + 4 x 4 patches
+    features = LayerFeatures(list(tokens), grid=grid, layers=[1, 2, 3])
+    merger = internal_pkg.DeepStack(8, 32, 2)
+    head, levels = split_internal_levels(features, 1, "cls_patch", 1, merger)
+    assert head.layers == (1,)
+    assert head.grid == grid
+    assert torch.equal(head[0], tokens[0])
+    for level, raw in zip(levels, tokens[1:]):
+        assert torch.equal(level, internal_pkg.window_order(raw[:, 1:], grid))
+    _, raster = split_internal_levels(features, 1, "cls_patch", 1, internal_pkg.DeepStack(8, 32, 2, projector="linear"))
+    assert all(torch.equal(level, raw[:, 1:]) for level, raw in zip(raster, tokens[1:]))

@@ -314,6 +314,13 @@ class LayerfuseLlavaModel(_FusedImageFeatures, LlavaModel):
                     f"{type(self).__name__}.forward: mm_encoder_outputs['image'] lacks the internal fusion's levels "
                     "(hidden_states); compute it with get_image_features of this model"
                 )
+            if len(image.pooler_output) != levels[0].shape[0]:
+                # generate's expansion (num_beams, num_return_sequences > 1) repeats only pooler_output
+                raise ValueError(
+                    f"{type(self).__name__}.forward: the image features hold {len(image.pooler_output)} images but "
+                    f"the internal fusion's levels {levels[0].shape[0]}; generate with num_beams or "
+                    "num_return_sequences > 1 is not supported with an internal fusion (repeat the batch instead)"
+                )
             mask = image_token_mask(self, kwargs.get("input_ids"), kwargs.get("inputs_embeds"))
             fusion.set_inputs(list(levels), mask)
         elif not self._generating:
