@@ -77,7 +77,7 @@ class DeformableSampling(torch.autograd.Function):
         # Keeping the corners (a few bytes per sample) spares the backward recomputing them; on a busy
         # CPU every extra elementwise pass costs a thread synchronisation.
         ctx.save_for_backward(
-            table, loc, attn, c.rows, c.weights, c.bil, c.axis_weights, c.inside, c.sizes, c.poison, c.keys
+            table, loc, attn, c.rows, c.weights, c.bil, c.axis_weights, c.slope, c.sizes, c.poison, c.keys
         )
         ctx.spatial_shapes, ctx.num_rows = spatial_shapes, num_rows
         out = F.embedding_bag(c.rows, table, per_sample_weights=c.weights, mode="sum")
@@ -198,19 +198,21 @@ def _weight_grads(
     Written with differentiable ops only, so the double-backward route reuses it as is.
     """
     grad_w = grad_w.view(c.bil.shape)  # (b, q, m, cy, cx, l, p)
+    # bil[cy, cx] = w[cy, y] * w[cx, x]: contracting grad_w with one axis' weights first leaves a
+    # per-neighbour gradient along the other axis, from which both results follow in a few passes
+    # over a half-size tensor.
+    along_x = (grad_w * c.axis_weights[:, :, :, :, None, 1]).sum(3)  # (b, q, m, cx, l, p)
     grad_loc = grad_attn = None
     if need_attn:
         # A sample at a non-finite location has no defined weight gradient: NaN, as in grid_sample.
-        grad_attn = (grad_w * c.bil).sum((3, 4)) + c.poison
+        grad_attn = (along_x * c.axis_weights[:, :, :, :, 0]).sum(3) + c.poison
     if need_loc:
-        g = grad_w * attn[:, :, :, None, None]
-        # bil[cy, cx] = w[cy, y] * w[cx, x], and w[0] = (1 - frac) * inside[0],
-        # w[1] = frac * inside[1], so d/du w = (-inside[0], +inside[1]) per axis.
-        grad_axis = torch.stack(
-            [(g * c.axis_weights[:, :, :, :, None, 1]).sum(3), (g * c.axis_weights[:, :, :, None, :, 0]).sum(4)],
-            dim=4,
-        )  # (b, q, m, corner, xy, l, p)
-        grad_xy = (grad_axis * c.inside * _NEAR_FAR_SIGN.to(grad_axis)).sum(3) * c.sizes + c.poison[:, :, :, None]
+        along_y = (grad_w * c.axis_weights[:, :, :, None, :, 0]).sum(4)  # (b, q, m, cy, l, p)
+        # w[0] = (1 - frac) * inside[0], w[1] = frac * inside[1]: d/du w = slope = (-inside[0], +inside[1]).
+        grad_u = torch.stack(
+            [(along_x * c.slope[:, :, :, :, 0]).sum(3), (along_y * c.slope[:, :, :, :, 1]).sum(3)], dim=3
+        )  # (b, q, m, xy, l, p)
+        grad_xy = grad_u * (attn[:, :, :, None] * c.sizes) + c.poison[:, :, :, None]
         grad_loc = rearrange(grad_xy, "b q m xy l p -> b q m l p xy")
     return grad_loc, grad_attn
 
@@ -253,7 +255,7 @@ class _Corners(NamedTuple):
     weights: Tensor  # (n, k) bilinear × inside × attention weights
     bil: Tensor  # (b, q, m, cy, cx, l, p) bilinear × inside weights
     axis_weights: Tensor  # (b, q, m, corner, xy, l, p) weights of the near (0) and far (1) neighbour
-    inside: Tensor  # (b, q, m, corner, xy, l, p) bool: that neighbour lies inside the map
+    slope: Tensor  # (b, q, m, corner, xy, l, p) d(axis weight)/du: -1 or +1 inside the map, 0 outside
     sizes: Tensor  # (xy, l, 1) map sizes (W, H)
     poison: Tensor  # (b, q, m, l, p) NaN where a sample's location is NaN or infinite, else 0
     keys: Tensor  # (b, q, m, l, p) top-left corner of each sample in maps padded on the top and left
@@ -314,7 +316,8 @@ def _corners(
     key_xy = torch.clamp(u0 + 1.0, torch.zeros_like(sizes), sizes).to(index_dtype) * pad_strides[:, :, None]
     pad_base = (batch * sum(padded) + pad_start.view(-1, 1)) * m + head  # (b, 1, m, 1, 1, l, 1)
     keys = key_xy[:, :, :, 0] + key_xy[:, :, :, 1] + pad_base[:, :, :, 0, 0]
-    return _Corners(rows, weights, bil, axis_weights, inside, sizes, poison, keys)
+    slope = inside * _NEAR_FAR_SIGN.to(work)
+    return _Corners(rows, weights, bil, axis_weights, slope, sizes, poison, keys)
 
 
 def ms_deform_attn_pytorch(
