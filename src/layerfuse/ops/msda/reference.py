@@ -46,9 +46,11 @@ class DeformableSampling(torch.autograd.Function):
 
     Forward: corner rows and weights, then one ``F.embedding_bag``. Backward:
 
-    - value: the transpose of the bags. Entries are sorted by table row once and a second
-      ``embedding_bag`` over those variable-size bags sums ``grad_out[n] · weight[n, k]`` into every
-      row (ATen's own embedding-bag table gradient sorts and scatters through several more passes).
+    - value: the transpose of the bags, a second ``embedding_bag`` over variable-size bags (one per
+      table row) that sums ``grad_out[n] · weight[n, k]`` into every row. Grouping the entries by row
+      sorts only the samples, by their top-left corner, and reads the four corners' runs off that
+      order (``_table_grad``); ATen's own embedding-bag table gradient sorts all L·P·4 entries
+      and scatters through several more passes.
     - corner weights: one dot product ``grad_out[n] · table[rows[n, k]]`` per entry
       (:func:`_corner_dots`), never gathering a K×D block per bag.
     - locations and attention weights: the product rule on the bilinear weights, in closed form.
@@ -247,7 +249,9 @@ def _corner_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
             crow, flat, torch.zeros(flat.shape, dtype=table.dtype),
             size=(num_bags, table.shape[0]), check_invariants=False,
         )
-    return torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0).values().view(num_bags, bag_size)
+    # In place: a separate result would first be a copy of the whole pattern.
+    torch.sparse.sampled_addmm(pattern, grad_out, table.t(), beta=0.0, out=pattern)
+    return pattern.values().view(num_bags, bag_size)
 
 
 class _Corners(NamedTuple):
@@ -293,7 +297,7 @@ def _corners(
     near_far = u0[:, :, :, None] + _NEAR_FAR.to(u0)  # (b, q, m, corner, xy, l, p)
     clamped = torch.clamp(near_far, torch.zeros_like(sizes), sizes - 1.0)
     inside = clamped == near_far
-    axis_weights = torch.stack([1.0 - frac, frac], dim=3) * inside
+    axis_weights = torch.where(inside, torch.stack([1.0 - frac, frac], dim=3), 0.0)
     bil = axis_weights[:, :, :, :, None, 1] * axis_weights[:, :, :, None, :, 0]  # (b, q, m, cy, cx, l, p)
     weights = rearrange(bil * attn[:, :, :, None, None], "b q m cy cx l p -> (b q m) (cy cx l p)")
 
