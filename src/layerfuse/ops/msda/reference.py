@@ -79,7 +79,7 @@ class DeformableSampling(torch.autograd.Function):
         # Keeping the corners (a few bytes per sample) spares the backward recomputing them; on a busy
         # CPU every extra elementwise pass costs a thread synchronisation.
         ctx.save_for_backward(
-            table, loc, attn, c.rows, c.weights, c.bil, c.axis_weights, c.slope, c.sizes, c.poison, c.keys
+            table, loc, attn, c.rows, c.weights, c.axis_weights, c.slope, c.sizes, c.poison, c.keys
         )
         ctx.spatial_shapes, ctx.num_rows = spatial_shapes, num_rows
         out = F.embedding_bag(c.rows, table, per_sample_weights=c.weights, mode="sum")
@@ -128,7 +128,7 @@ def _table_grad(grad_out: Tensor, c: _Corners, spatial_shapes: tuple[tuple[int, 
     if torch.compiler.is_compiling() or num_bags == 0:
         # The run lengths below give data-dependent sizes, which torch.compile cannot trace.
         return _table_grad_sorted(grad_out, c.rows, c.weights, table.shape[0])
-    b, _, m, _, _, num_levels, points = c.bil.shape
+    b, _, m, num_levels, points = c.keys.shape
     samples_per_bag = num_levels * points
     keys = c.keys.flatten()
     num_samples = keys.shape[0]
@@ -199,10 +199,11 @@ def _weight_grads(
 
     Written with differentiable ops only, so the double-backward route reuses it as is.
     """
-    grad_w = grad_w.view(c.bil.shape)  # (b, q, m, cy, cx, l, p)
-    # bil[cy, cx] = w[cy, y] * w[cx, x]: contracting grad_w with one axis' weights first leaves a
-    # per-neighbour gradient along the other axis, from which both results follow in a few passes
-    # over a half-size tensor.
+    b, q, m, num_levels, points = c.keys.shape
+    grad_w = grad_w.view(b, q, m, 2, 2, num_levels, points)  # (b, q, m, cy, cx, l, p)
+    # The bilinear weight of corner (cy, cx) is w[cy, y] * w[cx, x]: contracting grad_w with one
+    # axis' weights first leaves a per-neighbour gradient along the other axis, from which both
+    # results follow in a few passes over a half-size tensor.
     along_x = (grad_w * c.axis_weights[:, :, :, :, None, 1]).sum(3)  # (b, q, m, cx, l, p)
     grad_loc = grad_attn = None
     if need_attn:
@@ -257,7 +258,6 @@ def _corner_dots(grad_out: Tensor, table: Tensor, rows: Tensor) -> Tensor:
 class _Corners(NamedTuple):
     rows: Tensor  # (n, k) rows of the flat value table
     weights: Tensor  # (n, k) bilinear × inside × attention weights
-    bil: Tensor  # (b, q, m, cy, cx, l, p) bilinear × inside weights
     axis_weights: Tensor  # (b, q, m, corner, xy, l, p) weights of the near (0) and far (1) neighbour
     slope: Tensor  # (b, q, m, corner, xy, l, p) d(axis weight)/du: -1 or +1 inside the map, 0 outside
     sizes: Tensor  # (xy, l, 1) map sizes (W, H)
@@ -298,8 +298,10 @@ def _corners(
     clamped = torch.clamp(near_far, torch.zeros_like(sizes), sizes - 1.0)
     inside = clamped == near_far
     axis_weights = torch.where(inside, torch.stack([1.0 - frac, frac], dim=3), 0.0)
-    bil = axis_weights[:, :, :, :, None, 1] * axis_weights[:, :, :, None, :, 0]  # (b, q, m, cy, cx, l, p)
-    weights = rearrange(bil * attn[:, :, :, None, None], "b q m cy cx l p -> (b q m) (cy cx l p)")
+    # Bilinear × attention weight of corner (cy, cx): w[cy, y] · attn · w[cx, x], the attention weight
+    # applied on the half-size y factor.
+    weights = (axis_weights[:, :, :, :, None, 1] * attn[:, :, :, None, None]) * axis_weights[:, :, :, None, :, 0]
+    weights = rearrange(weights, "b q m cy cx l p -> (b q m) (cy cx l p)")
 
     # Row of value[b, s, m] in the flat (b·s·m, d) table: base + y·W·M + x·M.
     areas = [h * w for h, w in spatial_shapes]
@@ -321,7 +323,7 @@ def _corners(
     pad_base = (batch * sum(padded) + pad_start.view(-1, 1)) * m + head  # (b, 1, m, 1, 1, l, 1)
     keys = key_xy[:, :, :, 0] + key_xy[:, :, :, 1] + pad_base[:, :, :, 0, 0]
     slope = inside * _NEAR_FAR_SIGN.to(work)
-    return _Corners(rows, weights, bil, axis_weights, slope, sizes, poison, keys)
+    return _Corners(rows, weights, axis_weights, slope, sizes, poison, keys)
 
 
 def ms_deform_attn_pytorch(
