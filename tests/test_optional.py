@@ -11,5 +11,5 @@ def test_require_imports_installed_module():
 def test_require_names_the_extra():
     assert not is_available("layerfuse_no_such_module")
     with pytest.raises(ImportError, match=r"plotting needs the optional dependency 'layerfuse_no_such_module'.*"
-                                          r"pip install 'layerfuse\[analysis\]'"):
+                                          r"install the extra 'analysis' with: pip install '\.\[analysis\]' in the layerfuse checkout"):
         require("layerfuse_no_such_module", extra="analysis", purpose="plotting")
