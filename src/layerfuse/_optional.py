@@ -16,7 +16,7 @@ def is_available(module: str) -> bool:
 def install_hint(extra: str) -> str:
     """How to install the ``layerfuse`` extra ``extra``, for messages.
 
-    layerfuse is not on the package index, so ``pip install 'layerfuse[extra]'`` would find nothing:
+    layerfuse is not on the package index, so installing ``layerfuse[extra]`` from it finds nothing:
     the extra is installed from the checkout (or a built wheel) that layerfuse came from.
     """
     return f"pip install '.[{extra}]' in the layerfuse checkout, or 'dist/layerfuse-*.whl[{extra}]'"
