@@ -19,7 +19,8 @@ def install_hint(extra: str) -> str:
     layerfuse is not on the package index, so installing ``layerfuse[extra]`` from it finds nothing:
     the extra is installed from the checkout (or a built wheel) that layerfuse came from.
     """
-    return f"pip install '.[{extra}]' in the layerfuse checkout, or 'dist/layerfuse-*.whl[{extra}]'"
+    wheel = f'pip install "$(ls dist/layerfuse-*.whl)[{extra}]"'
+    return f"pip install '.[{extra}]' in the layerfuse checkout; from a built wheel, {wheel}"
 
 
 def require(module: str, *, extra: str, purpose: str) -> ModuleType:
