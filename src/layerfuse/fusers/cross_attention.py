@@ -11,7 +11,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_bool, check_float, check_positive_int, factory_kwargs
 from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
@@ -227,7 +227,6 @@ class CrossAttentionFuser(DeepQueryFuser):
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
                 pass_grid=True, grid=grid, level_grids=level_grids, text=text)
         self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
             where, features, grid, level_grids, spatial=spatial

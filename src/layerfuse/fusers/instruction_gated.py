@@ -327,7 +327,6 @@ class InstructionGatedFuser(Fuser):
         """[`forward`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward] plus the gate weights (for inspection or [`gate_entropy_loss`][layerfuse.fusers.gate_entropy_loss])."""
         where = "InstructionGatedFuser.forward"
         checked = self._call_args(where, features, grid, text, uses_text=True)
-        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_token_layout(where, features, feats[0].shape[1], checked, level_grids, prefix=int(self.has_cls))
         self._check_text(where, text, feats)

@@ -8,7 +8,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_float, check_positive_int, factory_kwargs
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
@@ -174,7 +174,6 @@ class MMFuser(DeepQueryFuser):
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
                 pass_grid=True, grid=grid, level_grids=level_grids, text=text)
         self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))

@@ -13,7 +13,6 @@ from .._checks import (
     check_choice,
     check_feature_list,
     check_grid,
-    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -163,7 +162,6 @@ class TokenConcatFuser(Fuser):
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=True,
                 pass_grid=self.pool == "2d", grid=grid, text=text)
         checked = self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

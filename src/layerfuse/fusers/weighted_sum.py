@@ -18,7 +18,6 @@ from .._checks import (
     check_feature_list,
     check_float,
     check_float_list,
-    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -171,7 +170,6 @@ class WeightedSumFuser(Fuser):
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, per_image=False,
                 pass_grid=False, text=text)
         grid = self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

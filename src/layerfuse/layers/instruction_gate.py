@@ -159,8 +159,9 @@ class InstructionGate(nn.Module):
 
     Examples:
         >>> gate = InstructionGate(768, 1024, 4)
-        >>> gate(torch.randn(2, 768), torch.randn(2, 4, 1024)).sum(-1)
-        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> weights = gate(torch.randn(2, 768), torch.randn(2, 4, 1024))
+        >>> weights.shape, torch.allclose(weights.sum(-1), torch.ones(2))
+        (torch.Size([2, 4]), True)
     """
 
     text_dim: int

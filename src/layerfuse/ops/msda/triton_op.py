@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..._optional import is_available
+from ..._optional import install_hint, is_available
 from .common import MSDABackend, MSDAInputs
 from .reference import ms_deform_attn_pytorch
 
@@ -172,7 +172,7 @@ class TritonBackend(MSDABackend):
         return "cuda; cpu only under the Triton interpreter, TRITON_INTERPRET=1"
 
     def unavailable_reason(self) -> str | None:
-        return None if is_available("triton") else "triton is not installed (pip install 'layerfuse[triton]')"
+        return None if is_available("triton") else f"triton is not installed ({install_hint('triton')})"
 
     def not_supported_reasons(self, inputs: MSDAInputs) -> list[str]:
         reasons = super().not_supported_reasons(inputs)
