@@ -117,28 +117,8 @@ def measure(
     settings: dict[str, Any] | None = None,
 ) -> Result:
     """Time ``fn`` (median of ``repeats`` after ``warmup``) and measure its peak extra memory."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        start = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    peak = _peak_extra_mib(fn, device)
-    return Result(
-        case=case,
-        device=device.type,
-        dtype=str(dtype).removeprefix("torch."),
-        mode=mode,
-        median_ms=statistics.median(times),
-        peak_mib=peak,
-        repeats=repeats,
-        settings=settings or {},
-        times_ms=times,
-    )
+    return measure_interleaved({case: fn}, device=device, dtype=dtype, mode=mode, warmup=warmup, repeats=repeats,
+                               settings=settings)[0]
 
 
 def measure_interleaved(
@@ -151,7 +131,7 @@ def measure_interleaved(
     repeats: int = 5,
     settings: dict[str, Any] | None = None,
 ) -> list[Result]:
-    """Like :func:`measure` for several cases whose ratio is wanted, timed in turns (A, B, A, B, ...).
+    """Like `measure` for several cases whose ratio is wanted, timed in turns (A, B, A, B, ...).
 
     On a shared machine the load drifts over minutes; timing the cases in alternation exposes each to
     the same load, so their ratio is steadier than from back-to-back blocks of repeats.

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 
 import torch
 from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+from transformers.utils import logging as hf_logging
 
 import layerfuse.integrations.llava
 
@@ -54,6 +55,7 @@ def build(tower: Path, projector_type: str, adapter: Path | None = None) -> Llav
 
 
 def main() -> None:
+    hf_logging.disable_progress_bar()  # LLaVA loads the tiny tower by path, as it would CLIP-L: no bars for that
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         tower = Path(tmp) / "tower"

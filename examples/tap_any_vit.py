@@ -86,7 +86,7 @@ def main() -> None:
          torch.randn(2, 3, 24, 40))
     for library, run in (("timm", timm_vit), ("transformers", hf_clip), ("open_clip", open_clip_vit)):
         if importlib.util.find_spec(library) is None:
-            print(f"{library} is not installed: skipped (pip install 'layerfuse[all]')")
+            print(f"{library} is not installed: skipped (pip install '.[all]' in the layerfuse checkout)")
         else:
             run()
 

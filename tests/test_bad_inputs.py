@@ -387,7 +387,7 @@ ROWS = [
     row("group_layers nan", lambda _: group_layers(torch.full((3, 3), NAN), k=2), ValueError, "NaN"),
     row("group_layers list", lambda _: group_layers([[1.0]], k=1), TypeError, "similarity"),
     row("plot path int", lambda _: plot_similarity(torch.eye(3), 5), TypeError, "path", "file path", "int"),
-    row("plot normalize str", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", normalize="yes"), TypeError, "normalize", "bool"),
+    row("plot scale unknown", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", scale="yes"), ValueError, "scale", "'robust'", "'yes'"),
     row("plot dpi zero", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", dpi=0), ValueError, "dpi", "positive int"),
     row("plot groups list", lambda tmp: plot_similarity(torch.eye(3), tmp / "x.png", groups=[[0, 1]]), TypeError, "groups", "LayerGroups", "list"),
     row("synthetic images zero", lambda _: SyntheticImages(0, image_size=8), ValueError, "num_images", "positive int", "0"),

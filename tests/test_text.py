@@ -99,5 +99,5 @@ def test_mean_pool():
 def test_missing_transformers_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(ImportError, match=r"TextEmbedder with a model path needs the optional dependency "
-                                          r"'transformers'.*pip install 'layerfuse\[hf\]'"):
+                                          r"'transformers'.*pip install '\.\[hf\]'"):
         TextEmbedder(tmp_path)

@@ -281,7 +281,7 @@ def resolve_grid(
     """The (H, W) patch grid of ``num_tokens`` tokens.
 
     Taken, in order, from the explicit ``grid`` argument, from ``features.grid`` (what
-    :class:`layerfuse.LayerTap` attaches to its output), or from the module's ``default``. The token
+    [`layerfuse.LayerTap`][layerfuse.LayerTap] attaches to its output), or from the module's ``default``. The token
     count is never square-rooted to guess a grid: a mismatch is an error.
     """
     source = "grid"
@@ -373,7 +373,7 @@ def resolve_level_grids(
     """The (H, W) grid of each key/value level of an attention fuser.
 
     ``levels`` pairs each level's position in ``features`` with its tensor (B, N, C). Without
-    ``level_grids`` every level takes the query's grid as :func:`resolve_grid` finds it; otherwise
+    ``level_grids`` every level takes the query's grid as `resolve_grid` finds it; otherwise
     ``level_grids`` holds one (H, W) per level, in order, each matching that level's token count.
     """
     if level_grids is None:

@@ -5,12 +5,22 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-__all__ = ["is_available", "require"]
+__all__ = ["install_hint", "is_available", "require"]
 
 
 def is_available(module: str) -> bool:
     """Whether ``module`` can be imported, without importing it."""
     return importlib.util.find_spec(module.split(".")[0]) is not None
+
+
+def install_hint(extra: str) -> str:
+    """How to install the ``layerfuse`` extra ``extra``, for messages.
+
+    layerfuse is not on the package index, so installing ``layerfuse[extra]`` from it finds nothing:
+    the extra is installed from the checkout (or a built wheel) that layerfuse came from.
+    """
+    wheel = f'pip install "$(ls dist/layerfuse-*.whl)[{extra}]"'
+    return f"pip install '.[{extra}]' in the layerfuse checkout; from a built wheel, {wheel}"
 
 
 def require(module: str, *, extra: str, purpose: str) -> ModuleType:
@@ -26,5 +36,5 @@ def require(module: str, *, extra: str, purpose: str) -> ModuleType:
     except ImportError as err:
         raise ImportError(
             f"{purpose} needs the optional dependency {module.split('.')[0]!r}, which is not installed; "
-            f"install it with: pip install 'layerfuse[{extra}]'"
+            f"install the extra {extra!r} with: {install_hint(extra)}"
         ) from err

@@ -4,7 +4,7 @@ A saved directory holds ``config.json`` (``{"class": ..., "config": {...}, "laye
 and ``model.safetensors``. The config is exactly the keyword arguments of the class constructor, so
 ``cls(**config)`` rebuilds the module before the weights are loaded with strict key checks.
 
-Every file layerfuse reads goes through :func:`read_json_file` or :func:`load_tensor_file`, so a
+Every file layerfuse reads goes through `read_json_file` or `load_tensor_file`, so a
 truncated or malformed file is one ``ValueError`` naming the file and what is wrong with it.
 """
 
@@ -206,7 +206,7 @@ def _atomic_write(path: Path, write: Any) -> None:
 class PretrainedMixin(metaclass=ABCMeta):
     """Adds ``save_pretrained`` / ``from_pretrained`` to an ``nn.Module`` subclass.
 
-    Subclasses implement :meth:`get_config`, returning the JSON-serialisable constructor keyword
+    Subclasses implement [`get_config`][layerfuse.serialization.PretrainedMixin.get_config], returning the JSON-serialisable constructor keyword
     arguments. Every concrete subclass is registered by class name, so
     ``PretrainedMixin.from_pretrained(path)`` rebuilds whichever class was saved, while
     ``ConcatFuser.from_pretrained(path)`` also checks that the saved class is a ``ConcatFuser``.
@@ -269,7 +269,7 @@ class PretrainedMixin(metaclass=ABCMeta):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> T:
-        """Rebuild a module saved by :meth:`save_pretrained`; keys and shapes must match exactly.
+        """Rebuild a module saved by [`save_pretrained`][layerfuse.serialization.PretrainedMixin.save_pretrained]; keys and shapes must match exactly.
 
         Args:
             directory: the folder written by ``save_pretrained``.

@@ -1,12 +1,14 @@
 """Instruction embeddings for text-conditioned fusers: a Hugging Face text encoder + mean pooling.
 
-:class:`~layerfuse.InstructionGatedFuser` takes sentence embeddings, not text: the encoder stays
+[`InstructionGatedFuser`][layerfuse.InstructionGatedFuser] takes sentence embeddings, not text: the encoder stays
 outside the fuser (and outside the saved model), as the authors' pipeline intends. IGVA was trained
 with ``sentence-transformers/all-mpnet-base-v2``: masked mean pooling of the last hidden state, then
-L2 normalisation, which :func:`embed_texts` reproduces with a plain ``transformers`` model::
+L2 normalisation, which [`embed_texts`][layerfuse.text.embed_texts] reproduces with a plain ``transformers`` model:
 
-    embedder = TextEmbedder("sentence-transformers/all-mpnet-base-v2", max_length=384)
-    text = embedder(["What is the man holding?", "Describe the image."])     # (2, 768), unit norm
+```python
+embedder = TextEmbedder("sentence-transformers/all-mpnet-base-v2", max_length=384)
+text = embedder(["What is the man holding?", "Describe the image."])     # (2, 768), unit norm
+```
 
 With the ``sentence-transformers`` package installed, the same embeddings come from
 ``SentenceTransformer("all-mpnet-base-v2").encode(texts, convert_to_tensor=True,
@@ -126,7 +128,7 @@ class TextEmbedder:
         max_length: truncation length in tokens. Default: the tokenizer's limit
         device: move the model there. Default: leave it where it is
 
-    Example:
+    Examples:
         >>> embedder = TextEmbedder("sentence-transformers/all-mpnet-base-v2", max_length=384)
         >>> fuser(features, text=embedder(["What is written on the sign?"] * len(images)))
     """
@@ -163,7 +165,7 @@ class TextEmbedder:
         return int(self.model.config.hidden_size)
 
     def __call__(self, texts: Sequence[str], *, batch_size: int = 64) -> Tensor:
-        """(len(texts), E) float32 embeddings; see :func:`embed_texts`."""
+        """(len(texts), E) float32 embeddings; see [`embed_texts`][layerfuse.text.embed_texts]."""
         return embed_texts(
             texts, self.model, self.tokenizer, normalize=self.normalize, max_length=self.max_length,
             batch_size=batch_size,

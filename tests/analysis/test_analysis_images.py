@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from layerfuse.analysis import ImageFolderBatches, SyntheticImages
+from layerfuse.analysis import ImageFiles, ImageFolderBatches, SyntheticImages, find_images
 
 pil_image = pytest.importorskip("PIL.Image")
 
@@ -32,6 +32,8 @@ def test_folder_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match=r"ImageFolderBatches: no image files"):
         ImageFolderBatches(tmp_path / "empty", image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
+    with pytest.raises(ValueError, match=r"ImageFolderBatches: no readable image files under"):
+        ImageFolderBatches(ImageFiles(tmp_path, ()), image_size=8, mean=(0, 0, 0), std=(1, 1, 1))
     write_images(tmp_path / "ok", [(8, 8)])
     with pytest.raises(ValueError, match=r"ImageFolderBatches: crop_pct expected a float in \(0, 1\], got 1.5"):
         ImageFolderBatches(tmp_path / "ok", image_size=8, mean=(0, 0, 0), std=(1, 1, 1), crop_pct=1.5)
@@ -48,3 +50,34 @@ def test_synthetic_images_reproducible():
     torch.testing.assert_close(first, again, rtol=0, atol=0)
     with pytest.raises(ValueError, match=r"SyntheticImages: num_images expected a positive int, got 0"):
         SyntheticImages(0, image_size=8)
+
+
+def write_broken(folder):
+    """An empty .jpg, a truncated PNG and text named .png: what real folders hold."""
+    (folder / "broken.jpg").write_bytes(b"")
+    good = folder / "img0.png"
+    (folder / "truncated.png").write_bytes(good.read_bytes()[: len(good.read_bytes()) // 2])
+    (folder / "sub").mkdir(exist_ok=True)
+    (folder / "sub" / "notes.png").write_text("not an image")
+
+
+def test_find_images_lists_unreadable_files_and_batches_skip_them(tmp_path):
+    write_images(tmp_path, [(40, 30), (16, 16)], colour=(10, 200, 30))
+    write_broken(tmp_path)
+    found = find_images(tmp_path)
+    assert found.files == (tmp_path / "img0.png", tmp_path / "img1.png")
+    assert [path.name for path, _ in found.unreadable] == ["broken.jpg", "notes.png", "truncated.png"]
+    assert all(reason for _, reason in found.unreadable)
+    batches = ImageFolderBatches(found, image_size=8, mean=(0, 0, 0), std=(1, 1, 1), batch_size=4)
+    assert batches.num_images == 2
+    assert [tuple(b.shape) for b in batches] == [(2, 3, 8, 8)]
+    unchecked = find_images(tmp_path, check=False)
+    assert len(unchecked.files) == 5
+    assert unchecked.unreadable == ()
+
+
+def test_find_images_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"find_images: root .*missing' is not a folder"):
+        find_images(tmp_path / "missing")
+    with pytest.raises(ValueError, match=r"find_images: no image files \(.bmp"):
+        find_images(tmp_path)

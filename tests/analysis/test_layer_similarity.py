@@ -1,3 +1,7 @@
+import json
+import sys
+from typing import ClassVar
+
 import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
@@ -78,8 +82,8 @@ def test_result_subset_and_dict():
     result = LayerSimilarity(torch.eye(3, dtype=torch.float64), (0, 4, 8), "cka", 10, "patch")
     sub = result.subset([8, 0])
     assert sub.layers == (8, 0)
-    assert sub.to_dict() == {"metric": "cka", "tokens": "patch", "num_images": 10, "layers": [8, 0],
-                             "matrix": [[1.0, 0.0], [0.0, 1.0]]}
+    assert sub.to_dict() == {"model": None, "metric": "cka", "tokens": "patch", "num_images": 10,
+                             "layers": [8, 0], "matrix": [[1.0, 0.0], [0.0, 1.0]]}
     with pytest.raises(ValueError, match=r"LayerSimilarity.subset: layers \[5\] are not among \(0, 4, 8\)"):
         result.subset([5])
     with pytest.raises(ValueError, match=r"LayerSimilarity: matrix expected shape \(2, 2\)"):
@@ -113,3 +117,88 @@ def test_errors(vit):
 def test_iter_image_batches_splits_tensor():
     sizes = [b.shape[0] for b in iter_image_batches(torch.randn(5, 3, 2, 2), batch_size=2)]
     assert sizes == [2, 2, 1]
+
+
+def test_json_round_trip_without_recomputing(vit, tmp_path):
+    result = layer_similarity(vit, torch.randn(3, 3, 32, 32), metric="cka", progress=False)
+    assert result.model == "test_vit"
+    path = tmp_path / "sim.json"
+    path.write_text(json.dumps({**result.to_dict(), "groups": {"bands": [[1, 2]]}}))  # extra keys ignored
+    again = LayerSimilarity.from_json(path)
+    torch.testing.assert_close(again.matrix, result.matrix, rtol=0, atol=0)
+    assert (again.layers, again.metric, again.num_images, again.tokens, again.model) == (
+        result.layers, "cka", 3, "patch", "test_vit")
+    old = {k: v for k, v in result.to_dict().items() if k not in ("model", "tokens")}
+    assert LayerSimilarity.from_dict(old).model is None
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"layers": [0], "metric": "cka", "num_images": 1}, r"missing key\(s\) \['matrix'\]"),
+        ({"matrix": [[1.0]], "layers": ["a"], "metric": "cka", "num_images": 1}, r"layers expected a list of ints"),
+        ({"matrix": [[1.0]], "layers": [0], "metric": "cca", "num_images": 1}, r"metric expected one of"),
+        ({"matrix": [[1.0]], "layers": [0], "metric": "cka", "num_images": 0}, r"num_images expected a positive int"),
+        ({"matrix": [[1.0, 2.0]], "layers": [0], "metric": "cka", "num_images": 1},
+         r"matrix expected shape \(1, 1\) for layers \[0\], got \(1, 2\)"),
+        ({"matrix": [[1.0], [2.0, 3.0]], "layers": [0, 1], "metric": "cka", "num_images": 1},
+         r"matrix expected L lists of L numbers"),
+        ([1, 2], r"expected a JSON object, got list"),
+    ],
+)
+def test_from_dict_errors(data, message):
+    with pytest.raises(ValueError, match=r"LayerSimilarity.from_dict \(f.json\): " + message):
+        LayerSimilarity.from_dict(data, source="f.json")
+
+
+def test_from_json_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"LayerSimilarity.from_json: .*missing.json' is not a file"):
+        LayerSimilarity.from_json(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"LayerSimilarity.from_json: .*bad.json' is not valid JSON"):
+        LayerSimilarity.from_json(tmp_path / "bad.json")
+
+
+class CountingBar:
+    """Stands in for tqdm.tqdm and records what the bar is told."""
+
+    instances: ClassVar[list] = []
+
+    def __init__(self, total=None, desc=None, unit=None):
+        self.total, self.unit, self.updates = total, unit, []
+        CountingBar.instances.append(self)
+
+    def update(self, n):
+        self.updates.append(n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@pytest.mark.parametrize(
+    ("images", "total"),
+    [
+        (torch.randn(5, 3, 4, 4), 5),
+        (DataLoader(TensorDataset(torch.randn(5, 3, 4, 4)), batch_size=2), 5),
+        ((torch.randn(n, 3, 4, 4) for n in (2, 3)), None),  # a generator does not know its length
+    ],
+)
+def test_progress_counts_images(monkeypatch, images, total):
+    tqdm = pytest.importorskip("tqdm")
+    CountingBar.instances.clear()
+    monkeypatch.setattr(tqdm, "tqdm", CountingBar)
+    layer_similarity(toy_extractor, images, batch_size=2)
+    (bar,) = CountingBar.instances
+    assert (bar.total, bar.unit, sum(bar.updates)) == (total, "image", 5)
+
+
+def test_defaults_work_without_tqdm(monkeypatch):
+    # A core install has no tqdm: the default shows no bar instead of failing; asking for one fails.
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    images = torch.randn(4, 3, 4, 4)
+    assert layer_similarity(toy_extractor, images).num_images == 4
+    with pytest.raises(ImportError, match=r"layer_similarity\(progress=True\) needs the optional dependency 'tqdm'"):
+        layer_similarity(toy_extractor, images, progress=True)

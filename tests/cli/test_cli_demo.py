@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from layerfuse import __version__
-from layerfuse.cli import demo
+from layerfuse.cli import demo, demo_hf
 from layerfuse.cli.main import COMMANDS, main
 
 
@@ -101,3 +101,29 @@ def test_console_entry_point_runs_as_a_module():
     )
     assert result.returncode == 0, result.stderr
     assert "Fusers + LLaVA projector" in result.stdout
+
+
+HF_TITLE = "End to end in a Hugging Face LLaVA (tiny LLM, random weights)"
+
+
+def test_demo_end_to_end_section_generates_text_from_tokens(capsys):
+    pytest.importorskip("transformers")
+    ctx = type("Ctx", (), {"device": torch.device("cpu")})()
+    table = demo.hf_step(ctx)
+    assert table.title == HF_TITLE
+    assert [row[0] for row in table.rows] == [
+        "<s> <image> x16 what is in the image ?", "<s> <image> x16 the image shows"
+    ]
+    words = set(demo_hf.WORDS)
+    for _, generated in table.rows:
+        text = generated.strip("'")
+        assert text
+        assert set(text.split()) <= words  # decoded words of the vocabulary
+    assert "LayerfuseLlavaForConditionalGeneration" in table.notes[0]
+
+
+def test_demo_end_to_end_section_skips_with_a_note_without_transformers(monkeypatch):
+    monkeypatch.setattr(demo_hf, "is_available", lambda name: name != "transformers")
+    table = demo.hf_step(None)
+    assert table.rows == [("skipped: needs transformers (pip install 'layerfuse[hf]')",)]
+    assert table.render().splitlines()[0] == HF_TITLE

@@ -3,6 +3,7 @@ import torch
 
 from fixture_utils import assert_fixture_close, load_fixture
 from layerfuse import FusionProjector, InstructionGatedFuser, Projector, from_official
+from layerfuse.convert.igva import gate_key_to_official
 from layerfuse.convert.state_dict import llava_projector_shape
 
 
@@ -26,7 +27,7 @@ def export_official(module: FusionProjector, prefix="model."):
     out = {}
     for key, value in module.state_dict().items():
         ours = next(p for p in renames if key.startswith(p))
-        out[prefix + renames[ours] + key[len(ours):]] = value
+        out[prefix + renames[ours] + gate_key_to_official(key[len(ours):])] = value
     return out
 
 

@@ -149,7 +149,7 @@ def test_no_leaf_module_name_collides_with_llm_lora_targets():
     leaves = {name.rsplit(".", 1)[-1] for name, _ in fuser.named_modules() if name}
     params = {name.rsplit(".", 2)[-2] for name, _ in fuser.named_parameters() if "." in name}
     assert not (leaves | params) & LORA_TARGETS
-    assert {"to_q", "to_kv", "to_out", "fc1", "fc2"} <= leaves
+    assert {"to_q", "to_kv", "to_out", "ffn_in", "ffn_out"} <= leaves
 
 
 def test_reset_parameters_restores_identity():

@@ -6,6 +6,7 @@ from torch import nn
 
 from fixture_utils import assert_fixture_close, load_fixture
 from layerfuse import FusionProjector, InstructionGatedFuser, LayerFeatures, Projector, from_official
+from layerfuse.convert.igva import gate_key_to_official
 from layerfuse.fusers.instruction_gated import IGVA_GROUPS, gate_entropy_loss
 from layerfuse.layers.instruction_gate import GateAttention, InstructionGate
 
@@ -19,7 +20,7 @@ def official_state(fx):
 def official_name(name):
     for ours, theirs in (("fuser.gate.", "vision_aggregator."), ("projector.", "mm_projector.")):
         if name.startswith(ours):
-            return theirs + name[len(ours):]
+            return theirs + gate_key_to_official(name[len(ours):])
     raise KeyError(name)
 
 
@@ -165,20 +166,21 @@ def test_gate_attention_equals_multihead_attention_float64():
         for p in attn.parameters():
             p.normal_()
     reference = nn.MultiheadAttention(12, 3, batch_first=True, dtype=torch.float64)
-    reference.load_state_dict(attn.state_dict(), strict=True)
+    # same layout as nn.MultiheadAttention except the head-mixing layer's name
+    reference.load_state_dict({k.replace("mix_heads.", "out_proj."): v for k, v in attn.state_dict().items()})
     q, kv = torch.randn(2, 1, 12, dtype=torch.float64), torch.randn(2, 5, 12, dtype=torch.float64)
     expected, _ = reference(q, kv, kv, need_weights=False)
     torch.testing.assert_close(attn(q, kv), expected, rtol=1e-12, atol=1e-12)
     fresh = GateAttention(12, 3)
     assert torch.count_nonzero(fresh.in_proj_bias) == 0
-    assert torch.count_nonzero(fresh.out_proj.bias) == 0
+    assert torch.count_nonzero(fresh.mix_heads.bias) == 0
 
 
 def test_gate_keys_are_the_official_aggregator_keys():
     gate = InstructionGate(20, 16, 4, 24, 4, 4)
     fx = load_fixture("igva_aggregator")
     official = {k[len("param.vision_aggregator."):] for k in fx.tensors if k.startswith("param.vision_aggregator.")}
-    assert set(gate.state_dict()) == official
+    assert {gate_key_to_official(f".{k}")[1:] for k in gate.state_dict()} == official
 
 
 def test_no_cls_backbone_uses_mean_patch_token():

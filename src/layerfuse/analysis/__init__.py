@@ -4,12 +4,13 @@ from .accumulator import SimilarityAccumulator
 from .cka import LinearCKA
 from .cosine import PooledCosine, TokenCosine
 from .grouping import LayerGroups, group_layers
-from .images import ImageFolderBatches, SyntheticImages
+from .images import ImageFiles, ImageFolderBatches, SyntheticImages, find_images
 from .plot import plot_similarity
 from .similarity import METRICS, LayerSimilarity, iter_image_batches, layer_similarity
 
 __all__ = [
     "METRICS",
+    "ImageFiles",
     "ImageFolderBatches",
     "LayerGroups",
     "LayerSimilarity",
@@ -18,6 +19,7 @@ __all__ = [
     "SimilarityAccumulator",
     "SyntheticImages",
     "TokenCosine",
+    "find_images",
     "group_layers",
     "iter_image_batches",
     "layer_similarity",

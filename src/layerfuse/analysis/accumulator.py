@@ -21,7 +21,7 @@ _CHUNK_ELEMENTS = 2**22
 class SimilarityAccumulator(ABC):
     r"""Running sums over images that yield an (L, L) layer-similarity matrix.
 
-    Feed one batch at a time with :meth:`update`; :meth:`compute` returns the matrix for every image
+    Feed one batch at a time with [`update`][layerfuse.analysis.accumulator.SimilarityAccumulator.update]; [`compute`][layerfuse.analysis.accumulator.SimilarityAccumulator.compute] returns the matrix for every image
     seen so far. Memory does not grow with the number of images, and the result does not depend on
     how the images were split into batches (up to float64 rounding). Every input is converted to
     float64 before it is reduced, so float32, bf16 and fp16 features are summed in float64.
@@ -31,7 +31,7 @@ class SimilarityAccumulator(ABC):
 
     Shape:
         - features: L tensors (B, N_l, C_l), the same L layers in the same order at every call.
-        - output of :meth:`compute`: (L, L), float64, on the CPU.
+        - output of [`compute`][layerfuse.analysis.accumulator.SimilarityAccumulator.compute]: (L, L), float64, on the CPU.
     """
 
     name: ClassVar[str]

@@ -42,7 +42,7 @@ class LinearCKA(SimilarityAccumulator):
     Shape:
         - features: L tensors (B, N, C_l); output of ``compute()``: (L, L) float64 in [0, 1].
 
-    Example:
+    Examples:
         >>> acc = LinearCKA()
         >>> acc.update([torch.randn(2, 16, 8) for _ in range(4)])
         >>> acc.compute().shape

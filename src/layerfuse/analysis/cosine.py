@@ -53,7 +53,7 @@ class TokenCosine(_CosineSums):
     Shape:
         - features: L tensors (B, N, C); output of ``compute()``: (L, L) float64.
 
-    Example:
+    Examples:
         >>> acc = TokenCosine()
         >>> acc.update([torch.randn(2, 16, 8) for _ in range(4)])
         >>> acc.compute().shape
@@ -84,7 +84,7 @@ class PooledCosine(_CosineSums):
     Shape:
         - features: L tensors (B, N_l, C); output of ``compute()``: (L, L) float64.
 
-    Example:
+    Examples:
         >>> acc = PooledCosine()
         >>> acc.update([torch.randn(2, 16, 8) for _ in range(4)])
         >>> acc.compute().shape

@@ -76,13 +76,13 @@ def group_layers(similarity: LayerSimilarity | Tensor, k: int = 3) -> LayerGroup
     representatives (3, 18, 23 on CLIP ViT-L/14-336) from probing accuracy instead; this rule is ours.
 
     Args:
-        similarity: a :class:`LayerSimilarity` (bands use its hidden-state indices) or an (L, L) tensor
+        similarity: a [`LayerSimilarity`][layerfuse.analysis.LayerSimilarity] (bands use its hidden-state indices) or an (L, L) tensor
             (bands use 0..L−1). Group only the layers you want banded, e.g.
             ``result.subset(range(1, 25))`` to leave out the embedding output as the paper does.
         k: number of bands, 1 ≤ k ≤ L.
 
     Returns:
-        A :class:`LayerGroups`.
+        A [`LayerGroups`][layerfuse.analysis.LayerGroups].
     """
     where = "group_layers"
     check_positive_int(where, "k", k)

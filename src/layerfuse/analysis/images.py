@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -11,14 +12,73 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor
 
-from .._checks import check_float, check_float_list, check_positive_int
+from .._checks import check_bool, check_float, check_float_list, check_positive_int
 from .._optional import require
 
 # b batch, c channels, h/w pixel rows/columns
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolderBatches", "SyntheticImages"]
+__all__ = ["IMAGE_SUFFIXES", "ImageFiles", "ImageFolderBatches", "SyntheticImages", "find_images"]
 
 IMAGE_SUFFIXES = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """The image files of a folder, split into those that decode and those that do not.
+
+    Attributes:
+        root: the folder searched.
+        files: readable image files, in sorted path order.
+        unreadable: ``(path, reason)`` for every file with an image suffix that failed to decode
+            (empty, truncated, not an image).
+    """
+
+    root: Path
+    files: tuple[Path, ...]
+    unreadable: tuple[tuple[Path, str], ...] = ()
+
+
+def find_images(root: str | Path, *, check: bool = True) -> ImageFiles:
+    """Every file under ``root`` (recursively) whose suffix is in ``IMAGE_SUFFIXES``, each decoded
+    once so that a broken file is found before any model is built or any batch is computed.
+
+    Decoding reads every pixel (truncated JPEGs only fail there), so the check costs about one extra
+    read of the folder; ``check=False`` skips it and lists every file as readable.
+
+    Args:
+        root: folder to search.
+        check: decode each file and list the ones that fail in ``unreadable``. Default: ``True``
+
+    Returns:
+        An [`ImageFiles`][layerfuse.analysis.ImageFiles].
+
+    Raises:
+        ValueError: ``root`` is not a folder or holds no file with an image suffix.
+        ImportError: Pillow is missing (it comes with the ``analysis`` extra) and ``check`` is set.
+    """
+    where = "find_images"
+    check_bool(where, "check", check)
+    root = Path(root)
+    if not root.is_dir():
+        raise ValueError(f"{where}: root {str(root)!r} is not a folder")
+    paths = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not paths:
+        raise ValueError(f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(root)!r}")
+    if not check:
+        return ImageFiles(root, tuple(paths))
+    pil_image = require("PIL.Image", extra="analysis", purpose="reading image files")
+    readable, unreadable = [], []
+    for path in paths:
+        try:
+            with pil_image.open(path) as img:
+                img.load()
+        # Pillow signals a broken file with many types (OSError, SyntaxError from some plugins,
+        # DecompressionBombError, ValueError); every one of them means "cannot be used".
+        except Exception as err:
+            unreadable.append((path, f"{type(err).__name__}: {err}"))
+        else:
+            readable.append(path)
+    return ImageFiles(root, tuple(readable), tuple(unreadable))
 
 
 class ImageFolderBatches:
@@ -30,8 +90,12 @@ class ImageFolderBatches:
     processor's for ``crop_pct=1``. Files are read lazily, one batch at a time. Needs Pillow (installed
     with the ``analysis`` extra, through matplotlib).
 
+    A folder is searched without decoding its files; pass the result of
+    [`find_images`][layerfuse.analysis.find_images] instead to leave out unreadable files up front.
+
     Args:
-        root: folder searched recursively for files ending in one of ``IMAGE_SUFFIXES``.
+        root: folder searched recursively for files ending in one of ``IMAGE_SUFFIXES``, or an
+            [`ImageFiles`][layerfuse.analysis.ImageFiles] whose readable ``files`` are used.
         image_size: side S of the square model input.
         mean: per-channel mean of the model's normalisation.
         std: per-channel standard deviation of the model's normalisation.
@@ -41,7 +105,7 @@ class ImageFolderBatches:
 
     def __init__(
         self,
-        root: str | Path,
+        root: str | Path | ImageFiles,
         *,
         image_size: int,
         mean: Sequence[float],
@@ -50,14 +114,17 @@ class ImageFolderBatches:
         crop_pct: float = 1.0,
     ) -> None:
         where = "ImageFolderBatches"
-        self.root = Path(root)
-        if not self.root.is_dir():
-            raise ValueError(f"{where}: root {str(self.root)!r} is not a folder")
-        self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-        if not self.files:
-            raise ValueError(
-                f"{where}: no image files ({', '.join(IMAGE_SUFFIXES)}) under {str(self.root)!r}"
-            )
+        if not isinstance(root, ImageFiles):
+            if not Path(root).is_dir():
+                raise ValueError(f"{where}: root {str(root)!r} is not a folder")
+            try:
+                root = find_images(root, check=False)
+            except ValueError as err:
+                raise ValueError(f"{where}: {str(err).removeprefix('find_images: ')}") from None
+        if not root.files:
+            raise ValueError(f"{where}: no readable image files under {str(root.root)!r}")
+        self.root = root.root
+        self.files = list(root.files)
         mean = check_float_list(where, "mean", mean, length=3)
         std = check_float_list(where, "std", std, length=3)
         for i, s in enumerate(std):
@@ -68,6 +135,11 @@ class ImageFolderBatches:
         self.crop_pct = crop_pct
         self._mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+
+    @property
+    def num_images(self) -> int:
+        """How many images the batches hold in all."""
+        return len(self.files)
 
     def __len__(self) -> int:
         return math.ceil(len(self.files) / self.batch_size)

@@ -1,8 +1,8 @@
 """``layerfuse demo``: every fuser family on a CLIP ViT-L/14-336-shaped tower, from taps to visual tokens.
 
-Runs offline on the embedded random-weight :class:`~layerfuse.cli.demo_vit.DemoViT`. The demo is a
-list of steps (``STEPS``); each reads and extends a shared :class:`DemoContext` and returns a
-:class:`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
+Runs offline on the embedded random-weight `DemoViT`. The demo is a
+list of steps (``STEPS``); each reads and extends a shared `DemoContext` and returns a
+`Table` to print: the tap step runs the tower once for the layers of every method, the fuser
 step feeds each method's fuser and LLaVA projector.
 """
 
@@ -29,7 +29,10 @@ from ..fusers import (
 )
 from ..layers import Projector
 from ..taps import LayerTap
+from .demo_hf import hf_step
 from .demo_vit import DemoViT
+from .main import SUMMARIES
+from .table import Table
 
 __all__ = ["STEPS", "DemoContext", "DemoMethod", "DemoStep", "Table", "demo_methods", "register", "run"]
 
@@ -89,23 +92,6 @@ class DemoContext:
     images: Tensor
     methods: list[DemoMethod]
     features: dict[str, LayerFeatures] = field(default_factory=dict)  # keyed by method name
-
-
-@dataclass
-class Table:
-    """A titled table of strings with optional notes printed under it."""
-
-    title: str
-    header: tuple[str, ...]
-    rows: list[tuple[str, ...]]
-    notes: list[str] = field(default_factory=list)
-
-    def render(self) -> str:
-        widths = [max(len(str(cell)) for cell in column) for column in zip(self.header, *self.rows)]
-        lines = [self.title, "  ".join(h.ljust(w) for h, w in zip(self.header, widths)).rstrip()]
-        lines.append("  ".join("-" * w for w in widths))
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in self.rows]
-        return "\n".join([*lines, *self.notes])
 
 
 @dataclass(frozen=True)
@@ -180,13 +166,13 @@ def fuse_step(ctx: DemoContext) -> Table:
     return Table(f"Fusers + LLaVA projector (mlp2x_gelu to {ctx.args.llm_dim})", header, rows, notes)
 
 
-STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step)]
+STEPS: list[DemoStep] = [DemoStep("taps", tap_step), DemoStep("fusers", fuse_step), DemoStep("hf", hf_step)]
 
 
 def register(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="run every fuser family on a random CLIP ViT-L/14-336-shaped tower",
+        help=SUMMARIES["demo"],
         description=(
             "Build a random-weight CLIP ViT-L/14-336-shaped tower (24 blocks, width 1024, 336 px), tap in one "
             "forward the hidden states that LLaVA-1.5, Lin et al., Dense Connector, a weighted sum, MMFuser, "

@@ -76,7 +76,7 @@ class DemoViT(nn.Module):
         - images: (B, in_chans, image_size, image_size); output: (B, 1 + G * G, C) with
           G = image_size // patch_size (CLS first).
 
-    Example:
+    Examples:
         >>> vit = DemoViT.small()
         >>> vit(torch.randn(2, 3, 64, 64)).shape
         torch.Size([2, 17, 64])

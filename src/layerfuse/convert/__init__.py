@@ -1,7 +1,7 @@
 """Load the authors' released projector checkpoints into layerfuse modules, and export to HF LLaVA.
 
 ``from_official(method, state_dict_or_path, *, dtype=None, **options)`` returns a
-:class:`~layerfuse.fusers.pipeline.FusionProjector` whose output equals the authors' whole
+[`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] whose output equals the authors' whole
 ``mm_projector`` output; each method's options are documented on its converter function.
 """
 
@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .._checks import factory_kwargs
 from ..fusers.pipeline import FusionProjector
@@ -29,10 +29,11 @@ CONVERTERS: dict[str, str] = {
     "lin_em": "layerfuse.convert.lin_em:convert_lin_em",
     "mmfuser": "layerfuse.convert.mmfuser:convert_mmfuser",
     "igva": "layerfuse.convert.igva:convert_igva",
+    "lin_internal": "layerfuse.convert.lin_internal:convert_lin_internal",
 }
 
 
-def _converter(method: str) -> Callable[..., FusionProjector]:
+def _converter(method: str) -> Callable[..., FusionProjector | nn.Module]:
     if not isinstance(method, str) or method not in CONVERTERS:
         raise ValueError(
             f"from_official: method expected one of {', '.join(repr(m) for m in CONVERTERS)}, got {method!r}"
@@ -47,11 +48,12 @@ def from_official(
     *,
     dtype: torch.dtype | None = None,
     **options: Any,
-) -> FusionProjector:
+) -> FusionProjector | nn.Module:
     """Build the layerfuse module equivalent to an authors' checkpoint and load its weights.
 
     Args:
-        method: ``"dense_connector"``, ``"lin_ed"``, ``"lin_em"``, ``"mmfuser"`` or ``"igva"``.
+        method: ``"dense_connector"``, ``"lin_ed"``, ``"lin_em"``, ``"mmfuser"``, ``"igva"`` or
+            ``"lin_internal"`` (Lin et al.'s I_D / I_M, which returns an internal fusion module).
         state_dict: a state dict with any key prefix (``model.mm_projector.``,
             ``base_model.model.model.mm_projector.``, ...) or the path of a ``.bin``/``.safetensors``
             file (``mm_projector.bin``, ``non_lora_trainables.bin``, ...).
@@ -60,7 +62,9 @@ def from_official(
             documented on ``layerfuse.convert.<method>.convert_<method>``.
 
     Returns:
-        A :class:`~layerfuse.fusers.pipeline.FusionProjector` exposing ``layers`` and ``tokens``.
+        A [`FusionProjector`][layerfuse.fusers.pipeline.FusionProjector] exposing ``layers`` and ``tokens``;
+        for ``"lin_internal"`` an [`InternalDirect`][layerfuse.internal.InternalDirect] /
+        [`InternalModular`][layerfuse.internal.InternalModular] to attach to the LLM.
 
     Raises:
         ValueError: unknown method or options, or keys that do not fit (all missing and unexpected keys

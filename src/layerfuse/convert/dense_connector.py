@@ -32,16 +32,14 @@ def convert_dense_connector(
     The returned module reproduces the authors' ``encode_images`` output: feed it
     ``LayerTap(vit, module.layers, tokens=module.tokens)(images)``. Layers as coded (HF indices):
 
-    ========  ==========================================  ===========================================
-    variant   CLIP-L/14-336 (``tower="clip"``)             SigLIP-so400m (``tower="siglip"``)
-    ========  ==========================================  ===========================================
-    ``sti``   tokens ``[L23; pool8(L7); pool8(L15)]``      tokens ``[L26; pool8(L7); pool8(L15)]``
-    ``sci``   channels ``[L23; L7; L15]``                  channels ``[L26; L7; L15]``
-    ``dci``   ``[L23; mean(L0..L11); mean(L12..L23)]``     ``[L26; mean(L0..L12); mean(L13..L25)]``
-    ========  ==========================================  ===========================================
+    | variant | CLIP-L/14-336 (``tower="clip"``) | SigLIP-so400m (``tower="siglip"``) |
+    |---|---|---|
+    | ``sti`` | tokens ``[L23; pool8(L7); pool8(L15)]`` | tokens ``[L26; pool8(L7); pool8(L15)]`` |
+    | ``sci`` | channels ``[L23; L7; L15]`` | channels ``[L26; L7; L15]`` |
+    | ``dci`` | ``[L23; mean(L0..L11); mean(L12..L23)]`` | ``[L26; mean(L0..L12); mean(L13..L25)]`` |
 
     CLIP drops the CLS token (``tokens="patch"``); SigLIP has none and keeps all its tokens, as the
-    authors do. ``pool8`` is their 1-D pooling over raster order (:class:`~layerfuse.TokenConcatFuser`).
+    authors do. ``pool8`` is their 1-D pooling over raster order ([`TokenConcatFuser`][layerfuse.TokenConcatFuser]).
 
     Args:
         state_dict: keys containing ``mm_projector.`` with any prefix (``model.mm_projector.0.weight``,

@@ -15,7 +15,7 @@ from ..layers.projector import Projector
 from ..serialization import load_strict
 from .state_dict import llava_projector_shape, select_prefixed, select_required, target_dtype
 
-__all__ = ["convert_igva"]
+__all__ = ["convert_igva", "gate_key_from_official", "gate_key_to_official"]
 
 _BLOCK_KEY = re.compile(r"^transformers\.(\d+)\.")
 # Keys whose shapes fix the gate's architecture; the rest are checked by the strict load.
@@ -87,9 +87,27 @@ def convert_igva(
         fuser, Projector(kind, in_dim, llm_width, dtype=target), layers=fuser.layers, tokens="cls_patch"
     )
     mapped = {f"projector.{k}": v.to(target) for k, v in projector_state.items()}
-    mapped.update({f"fuser.gate.{k}": v.to(target) for k, v in gate_state.items()})
+    mapped.update({f"fuser.gate.{gate_key_from_official(k)}": v.to(target) for k, v in gate_state.items()})
     load_strict(module, mapped, source=f"{where} (vision_aggregator.*, mm_projector.*)")
     return module
+
+
+# the authors' name (nn.MultiheadAttention's) -> ours, which no LLM's LoRA name list can reach
+_GATE_RENAMES = ((".cross_attention.out_proj.", ".cross_attention.mix_heads."),)
+
+
+def gate_key_from_official(key: str) -> str:
+    """A ``vision_aggregator.*`` key (without the prefix) as the key of layerfuse's ``InstructionGate``."""
+    for theirs, ours in _GATE_RENAMES:
+        key = key.replace(theirs, ours)
+    return key
+
+
+def gate_key_to_official(key: str) -> str:
+    """The inverse of [`gate_key_from_official`][layerfuse.convert.igva.gate_key_from_official]."""
+    for theirs, ours in _GATE_RENAMES:
+        key = key.replace(ours, theirs)
+    return key
 
 
 def _gated_fuser(

@@ -38,20 +38,18 @@ def convert_lin_ed(
 
     Channel blocks as coded, final layer last (P_k = hidden state k without token 0):
 
-    ============  =========================================  ============
-    strategy      CLIP-L/14-336                              SigLIP
-    ============  =========================================  ============
-    ``18``        ``[P18; P23]``                             n/a
-    ``3-18-23``   ``[P3; P18; P23]``                         ``[P3; P20; P25]``
-    ``former``    ``[mean(P1..P12); P23]``                   n/a
-    ``latter``    ``[mean(P13..P24); P23]``                  ``[mean(P15..P26); P25]``
-    ``all``       ``[mean(P1..P12); mean(P13..P24); P23]``   n/a
-    ============  =========================================  ============
+    | strategy | CLIP-L/14-336 | SigLIP |
+    |---|---|---|
+    | ``18`` | ``[P18; P23]`` | n/a |
+    | ``3-18-23`` | ``[P3; P18; P23]`` | ``[P3; P20; P25]`` |
+    | ``former`` | ``[mean(P1..P12); P23]`` | n/a |
+    | ``latter`` | ``[mean(P13..P24); P23]`` | ``[mean(P15..P26); P25]`` |
+    | ``all`` | ``[mean(P1..P12); mean(P13..P24); P23]`` | n/a |
 
     **SigLIP drop-first-token (fidelity switch).** The authors' tower strips token 0 from every state
     even for SigLIP, which has no CLS token, so a real patch is lost and 728 of 729 tokens reach the
     LLM (specs §3.9). ``drop_first_token=True`` (the SigLIP default) reproduces that: the returned
-    :class:`~layerfuse.ConcatFuser` drops token 0 itself (``tokens="patch"`` keeps all SigLIP tokens).
+    [`ConcatFuser`][layerfuse.ConcatFuser] drops token 0 itself (``tokens="patch"`` keeps all SigLIP tokens).
     ``drop_first_token=False`` keeps all 729 tokens (the projector is per-token, so the weights still
     apply; the LLM then sees one more token than in training). For CLIP the tap drops the CLS token
     and nothing else is dropped.

@@ -47,7 +47,7 @@ def convert_mmfuser(
         layers: hidden-state indices feeding the fuser: the value levels, then the query. Default:
             ``(-22, -17, -12, -7, -2)``, MMFuser's ``list-22/-17/-12/-7/-2``.
         grid: default (H, W) patch grid of the fuser (e.g. ``(24, 24)`` for CLIP-L/336); without it,
-            the grid comes from :class:`~layerfuse.LayerTap` features or ``grid=`` at call time.
+            the grid comes from [`LayerTap`][layerfuse.LayerTap] features or ``grid=`` at call time.
 
     Returns:
         ``FusionProjector(MMFuser, Projector)`` with ``layers`` as given and ``tokens="patch"``.

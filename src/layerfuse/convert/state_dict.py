@@ -20,7 +20,7 @@ def load_checkpoint_file(path: str | Path, *, where: str = "from_official") -> d
     """Read a ``.safetensors`` file or a ``torch.save``\\ d ``.bin``/``.pt`` dict (tensors only).
 
     ``where`` names the caller in error messages; a truncated or corrupt file is a ``ValueError``
-    naming it (see :func:`layerfuse.serialization.load_tensor_file`).
+    naming it (see `layerfuse.serialization.load_tensor_file`).
     """
     return load_tensor_file(path, where=where)
 
@@ -55,7 +55,7 @@ def select_prefixed(state_dict: Mapping[str, Tensor], anchor: str, *, where: str
 
 
 def select_required(state_dict: Mapping[str, Tensor], anchor: str, *, where: str) -> dict[str, Tensor]:
-    """:func:`select_prefixed`, but a checkpoint with no key under ``anchor`` is an error that shows
+    """[`select_prefixed`][layerfuse.convert.select_prefixed], but a checkpoint with no key under ``anchor`` is an error that shows
     what the checkpoint does hold."""
     selected = select_prefixed(state_dict, anchor, where=where)
     if not selected:

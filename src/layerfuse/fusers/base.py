@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_grid, check_positive_int
+from .._checks import check_grid, check_module_inputs, check_positive_int
 from ..features import LayerFeatures
 from ..preset_plans import PresetPlan, plan_for
 from ..serialization import PretrainedMixin
@@ -190,12 +190,13 @@ class Fuser(PretrainedMixin, nn.Module):
         *,
         uses_text: bool = False,
     ) -> tuple[int, int] | None:
-        """Check what every `forward` accepts besides the tensors themselves.
+        """The checks every fuser's `forward` starts with (after handing a packed batch to `fuse_packed`).
 
-        The number of inputs (the message names the preset and depth), the tap's layers and token mode
-        against the fuser's (when both are known), `text` for a fuser without an instruction, and an
-        explicit `grid` against the one the features carry. Returns the patch grid: `grid`, else the
-        features', else `None`.
+        The number of inputs (the message names the preset and depth), `text` for a fuser without an
+        instruction, the tap's layers and token mode against the fuser's (when both are known), an
+        explicit `grid` against the one the features carry, then the inputs' device and dtype against
+        the module's (`check_module_inputs`; `text` may have any float dtype). Returns the patch grid:
+        `grid`, else the features', else `None`.
         """
         if isinstance(features, Sequence) and not isinstance(features, Tensor) and len(features) != self.num_inputs:
             raise ValueError(f"{where}: features expected {self.num_inputs} tensors, got {len(features)}{self._origin()}")
@@ -215,13 +216,18 @@ class Fuser(PretrainedMixin, nn.Module):
                 )
         carried = getattr(features, "grid", None)
         if grid is None:
-            return None if carried is None else check_grid(where, carried, name="features.grid")
-        hw = check_grid(where, grid)
-        if carried is not None and hw != tuple(carried):
-            raise ValueError(
-                f"{where}: grid={hw} contradicts the grid the features carry (features.grid={tuple(carried)}, "
-                "from the tap); pass grid=None to use the features' grid, or tap at the other size"
-            )
+            hw = None if carried is None else check_grid(where, carried, name="features.grid")
+        else:
+            hw = check_grid(where, grid)
+            if carried is not None and hw != tuple(carried):
+                raise ValueError(
+                    f"{where}: grid={hw} contradicts the grid the features carry (features.grid={tuple(carried)}, "
+                    "from the tap); pass grid=None to use the features' grid, or tap at the other size"
+                )
+        if uses_text:
+            check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
+        else:
+            check_module_inputs(where, self, features=features)
         return hw
 
     def _check_token_layout(

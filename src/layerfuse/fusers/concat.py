@@ -13,7 +13,6 @@ from .._checks import (
     check_bool,
     check_feature_list,
     check_float,
-    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -92,7 +91,7 @@ class ConcatFuser(Fuser):
         - features: ``len(in_dims)`` tensors (B, N, C_i) (N + 1 tokens with ``drop_first_token``)
         - output: (B, N, out_dim) with ``out_dim`` the sum of the term widths
 
-    Example:
+    Examples:
         >>> dci = ConcatFuser([1024] * 24, terms=[23, range(0, 12), range(12, 24)])
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(24)]
         >>> dci(feats).shape
@@ -163,7 +162,6 @@ class ConcatFuser(Fuser):
         if is_packed(features):  # token-wise: the packed sequence as a batch of one
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, text=text)
         grid = self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

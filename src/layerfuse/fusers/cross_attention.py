@@ -11,7 +11,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_bool, check_float, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_bool, check_float, check_positive_int, factory_kwargs
 from ..layers.attention import Attention
 from ..layers.layer_scale import LayerScale
 from ..layers.pos_embed import sincos_2d
@@ -27,29 +27,30 @@ class CrossAttentionFuser(DeepQueryFuser):
     The query layer Q (a deep, text-aligned ViT layer; MMFuser uses the penultimate block) attends to
     the tokens of the ``num_levels`` shallower layers F_l, concatenated. A learned per-level
     embedding E_l tells attention which layer a token came from, and a fixed 2-D sine-cosine code
-    P (:func:`layerfuse.layers.sincos_2d`, in image-relative coordinates so grids of different size
+    P ([`layerfuse.layers.sincos_2d`][layerfuse.layers.sincos_2d], in image-relative coordinates so grids of different size
     align) tells it where. Pre-norm blocks, each added back through a zero-initialised layer-scale:
 
-    .. code-block:: text
-
-        kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
-        x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
-        x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
-        x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```text
+    kv = [norm_kv(F_0) + E_0 + P_0; ...; norm_kv(F_{L-1}) + E_{L-1} + P_{L-1}]
+    x = Q + ls_cross(cross_attn(norm_q(Q) + P_q, kv))
+    x = x + ls_self(self_attn(norm_self(x) + P_q))      # if self_attn
+    x = x + ls_mlp(mlp(norm_mlp(x)))                     # if mlp_ratio > 0
+    ```
 
     With ``layer_scale_init=0`` the output equals the query exactly at initialisation, so a pretrained
-    single-layer projector keeps working. Attention runs on :func:`layerfuse.ops.attention.attention`
+    single-layer projector keeps working. Attention runs on [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]
     (PyTorch SDPA's fused kernels by default), so the (N, L·N) attention matrix is never stored.
 
     With ``window=w`` each query attends only to the ``w × w`` tokens of each level around its own
     position (Cambrian SVA's spatial prior; the query grid is laid over each level's grid, see
-    :func:`layerfuse.ops.attention.windowed_attention`), and the optional self-attention to the
+    [`layerfuse.ops.attention.windowed_attention`][layerfuse.ops.attention.windowed_attention]), and the optional self-attention to the
     ``w × w`` neighbourhood in the query grid. Time and memory then grow linearly with the number of
     tokens, and the result equals full attention under the explicit
-    :func:`~layerfuse.ops.attention.window_mask`.
+    [`window_mask`][layerfuse.ops.attention.window_mask].
 
-    Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``fc1``, ``fc2``) avoid the LLM projection
-    names that LoRA targets by suffix (``q_proj``, ``v_proj``, ``o_proj``, ...).
+    Leaf module names (``to_q``, ``to_kv``, ``to_out``, ``ffn_in``, ``ffn_out``) differ from the linear
+    layer names of the common LLM families (``q_proj``, ``o_proj``, OPT's and Phi's ``fc1``/``fc2``,
+    MPT's ``out_proj``, ...), which LoRA name lists match as suffixes anywhere in the model.
 
     Args:
         dim: channels C of every input layer (the ViT width) and of the output.
@@ -71,14 +72,14 @@ class CrossAttentionFuser(DeepQueryFuser):
         attn_drop: attention-weight dropout in training mode. Default: ``0.0``
         eps: epsilon of the LayerNorms. Default: ``1e-6``
         layer_scale_init: initial value of every layer-scale. Default: ``0.0``
-        backend: attention backend (see :func:`layerfuse.ops.attention.attention`). Default: ``"auto"``
+        backend: attention backend (see [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]). Default: ``"auto"``
 
     Shape:
         - features: ``num_levels + 1`` tensors (B, N_i, C), patch tokens only, row-major on their
           grids; the query has N = H·W tokens
         - output: (B, N, C), the shape of the query
 
-    Example:
+    Examples:
         >>> fuser = CrossAttentionFuser(1024, num_levels=4, heads=16, grid=(24, 24))
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(5)]  # layers -22, -17, -12, -7, -2
         >>> out = fuser(feats)
@@ -145,7 +146,7 @@ class CrossAttentionFuser(DeepQueryFuser):
         self.mlp = (
             nn.Sequential(
                 OrderedDict(
-                    fc1=nn.Linear(dim, hidden, **dd), act=nn.GELU(), fc2=nn.Linear(hidden, dim, **dd)
+                    ffn_in=nn.Linear(dim, hidden, **dd), act=nn.GELU(), ffn_out=nn.Linear(hidden, dim, **dd)
                 )
             )
             if hidden
@@ -204,8 +205,8 @@ class CrossAttentionFuser(DeepQueryFuser):
 
         Args:
             features: ``num_levels + 1`` tensors (B, N_i, C): the key/value levels in order, with the
-                query at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
-                :class:`~layerfuse.LayerTap` carries its grid.
+                query at ``query_index`` (by default last). A [`LayerFeatures`][layerfuse.LayerFeatures] from
+                [`LayerTap`][layerfuse.LayerTap] carries its grid.
                 A packed ``LayerFeatures`` (per layer (sum N_i, C), per-image ``grids``) is fused in
                 one attention call per block (a key-padding mask, or one batch of every image's
                 windows) and gives (sum N_i, C), equal to one call per image.
@@ -228,7 +229,6 @@ class CrossAttentionFuser(DeepQueryFuser):
         if is_packed(features):  # images of different sizes: one attention call for the whole batch
             return self._forward_packed(where, features, grid, level_grids, text)
         self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         spatial = self.window is not None or self.pos_embed or grid is not None or level_grids is not None
         query, levels, query_grid, level_shapes = self._split(
             where, features, grid, level_grids, spatial=spatial
@@ -265,7 +265,6 @@ class CrossAttentionFuser(DeepQueryFuser):
         """
         check_packed_call(where, features, grid, level_grids)
         self._call_args(where, features, None, text)
-        check_module_inputs(where, self, features=features)
         layers = list(features)
         for i, t in enumerate(layers):
             if t.ndim != 2 or t.shape[-1] != self.dim:

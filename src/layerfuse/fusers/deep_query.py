@@ -37,7 +37,7 @@ class DeepQueryFuser(Fuser):
 
     ``features`` holds ``num_levels + 1`` tensors of width ``dim``: the key/value levels in order with
     the query at ``query_index`` (by default last, as the MMFuser authors order them). Subclasses call
-    :meth:`_init_layout` first in ``__init__`` and :meth:`_split` first in ``forward``.
+    `_init_layout` first in ``__init__`` and `_split` first in ``forward``.
     """
 
     dim: Final[int]

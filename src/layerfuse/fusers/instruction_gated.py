@@ -34,7 +34,7 @@ IGVA_GROUPS: tuple[tuple[int, ...], ...] = tuple(tuple(range(s, s + 6)) for s in
 
 @dataclass
 class GatedFusion:
-    """What :meth:`InstructionGatedFuser.forward_with_weights` returns.
+    """What [`InstructionGatedFuser.forward_with_weights`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward_with_weights] returns.
 
     Attributes:
         output: the fuser output ``[base ; fused]``, (B, N, 2C), in the features' dtype (what
@@ -87,16 +87,16 @@ class InstructionGatedFuser(Fuser):
     r"""IGVA: an instruction embedding chooses softmax weights over groups of layers.
 
     The hidden states are cut into K contiguous groups and each group is averaged (all tokens, summed in
-    float32 under bf16/fp16). An :class:`~layerfuse.layers.instruction_gate.InstructionGate` reads the
+    float32 under bf16/fp16). An [`InstructionGate`][layerfuse.layers.instruction_gate.InstructionGate] reads the
     instruction embedding and one summary vector per group (the CLS token of the group mean, or its
     mean patch token when the backbone has no CLS) and returns weights ``w`` (B, K) on the simplex. The
     fused map ``F = sum_k w_k Q_k`` mixes the groups' patch maps, and the output is ``[P_base ; F]`` on
     channels, the base layer first (the authors' column order), ready for a projector of input width 2C.
 
-    ``features`` are the hidden states named by :attr:`layers`: every layer of every group in order,
+    ``features`` are the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]: every layer of every group in order,
     then the base layer. With ``has_cls=True`` each carries the CLS token first (tap with
     ``tokens="cls_patch"``); the output has patch tokens only. The text encoder stays outside the module:
-    ``text`` is a batch of embeddings (see :mod:`layerfuse.text`). Samples without an instruction (the
+    ``text`` is a batch of embeddings (see `layerfuse.text`). Samples without an instruction (the
     dummy image of a text-only sample in LLaVA) take a zero row, as in the authors' code.
 
     ``gated=False`` builds the stage-1 model: no gate, the uniform mean of the K group maps. A gated
@@ -106,7 +106,7 @@ class InstructionGatedFuser(Fuser):
         dim: vision width C.
         text_dim: width E of the instruction embeddings. Default: ``768`` (``all-mpnet-base-v2``)
         groups: K contiguous ranges of hidden-state indices (0 = embedding output, k = block k).
-            Default: :data:`IGVA_GROUPS`, ``[[1..6], [7..12], [13..18], [19..24]]``
+            Default: `IGVA_GROUPS`, ``[[1..6], [7..12], [13..18], [19..24]]``
         base_layer: hidden-state index concatenated unchanged (negative counts from the end). It may also
             belong to a group, as the default does (23). Default: ``-2``
         gate_dim: gate width h. Default: ``1024``
@@ -126,7 +126,7 @@ class InstructionGatedFuser(Fuser):
         - text: (B, E), any float dtype (cast to the features' dtype, as the authors do)
         - output: (B, N, 2C)
 
-    Example:
+    Examples:
         >>> fuser = InstructionGatedFuser(1024, 768)
         >>> feats = [torch.randn(2, 577, 1024) for _ in fuser.layers]   # tap(fuser.layers, "cls_patch")
         >>> fuser(feats, text=torch.randn(2, 768)).shape
@@ -325,12 +325,11 @@ class InstructionGatedFuser(Fuser):
         *,
         text: Tensor | None = None,
     ) -> GatedFusion:
-        """:meth:`forward` plus the gate weights (for inspection or :func:`gate_entropy_loss`)."""
+        """[`forward`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.forward] plus the gate weights (for inspection or [`gate_entropy_loss`][layerfuse.fusers.gate_entropy_loss])."""
         where = "InstructionGatedFuser.forward"
         if is_packed(features):  # images of different sizes: token-wise, one instruction per image
             return self._forward_packed(where, features, grid, level_grids, text)
         checked = self._call_args(where, features, grid, text, uses_text=True)
-        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         feats = self._check_features(where, features)
         self._check_token_layout(where, features, feats[0].shape[1], checked, level_grids, prefix=int(self.has_cls))
         self._check_text(where, text, feats)
@@ -360,7 +359,6 @@ class InstructionGatedFuser(Fuser):
         """
         check_packed_call(where, features, grid, level_grids)
         self._call_args(where, features, None, text, uses_text=True)
-        check_module_inputs(where, self, features=features, text=text, any_dtype=("text",))
         if self.has_cls:
             raise ValueError(
                 f"{where}: has_cls=True reads a CLS token per image, but a packed batch carries patch tokens "
@@ -403,14 +401,14 @@ class InstructionGatedFuser(Fuser):
         *,
         text: Tensor | None = None,
     ) -> Tensor:
-        """Fuse ``features`` (the hidden states named by :attr:`layers`) under instruction ``text``.
+        """Fuse ``features`` (the hidden states named by [`layers`][layerfuse.fusers.instruction_gated.InstructionGatedFuser.layers]) under instruction ``text``.
 
         A packed [`LayerFeatures`][layerfuse.LayerFeatures] (per layer (sum N_i, C), per-image
         ``grids``, patch tokens only, so ``has_cls=False``) is fused token-wise with one instruction
         embedding per image: ``text`` (n_images, E); the output is (sum N_i, 2C).
 
         ``grid`` (H, W) of the patch tokens and ``level_grids`` are not needed; they are accepted when
-        they fit the tokens (the calling convention of every fuser, see :class:`~layerfuse.Fuser`).
+        they fit the tokens (the calling convention of every fuser, see [`Fuser`][layerfuse.Fuser]).
         """
         return self.forward_with_weights(features, grid, level_grids, text=text).output
 

@@ -8,7 +8,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from .._checks import check_float, check_module_inputs, check_positive_int, factory_kwargs
+from .._checks import check_float, check_positive_int, factory_kwargs
 from ..layers.deformable_attention import MultiScaleDeformableAttention
 from ..ops.reference_points import reference_points
 from .deep_query import DeepQueryFuser
@@ -25,12 +25,12 @@ class MMFuser(DeepQueryFuser):
     tokens are concatenated and normalised by one LayerNorm. The result is refined by single-level
     deformable self-attention and added back to the query through two zero-initialised layer-scales:
 
-    .. code-block:: text
-
-        A1 = cross_attn(query_norm(Q), r, feat_norm([F_0; ...; F_{L-1}]))
-        Z = norm1(A1)
-        A2 = self_attn(Z, r, Z)
-        out = Q + gamma1 * (A1 + gamma2 * A2)
+    ```text
+    A1 = cross_attn(query_norm(Q), r, feat_norm([F_0; ...; F_{L-1}]))
+    Z = norm1(A1)
+    A2 = self_attn(Z, r, Z)
+    out = Q + gamma1 * (A1 + gamma2 * A2)
+    ```
 
     where ``r`` are the centres of the query tokens on their (H, W) grid, normalised to [0, 1]², and
     deformable offsets are in pixels of each level. With ``layer_scale_init=0`` (the authors' choice)
@@ -38,11 +38,11 @@ class MMFuser(DeepQueryFuser):
     LLaVA. There is no positional embedding, FFN or dropout, as in the authors' module; parameter names
     (``cross_attn``, ``query_norm``, ``feat_norm``, ``gamma1``, ``norm1``, ``self_attn``, ``gamma2``) are
     theirs, so their checkpoints load by stripping the ``mm_projector.0.`` prefix
-    (:func:`layerfuse.from_official` with ``"mmfuser"`` or ``"lin_em"``).
+    ([`layerfuse.from_official`][layerfuse.from_official] with ``"mmfuser"`` or ``"lin_em"``).
 
     Unlike the authors' module it takes any number of levels, the query at any position, non-square
     grids and a different grid per value level, any batch size, and any float dtype; it needs no
-    compiled extension (the sampling is :func:`layerfuse.ops.ms_deform_attn`).
+    compiled extension (the sampling is [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]).
 
     Args:
         dim: channels C of every input layer (the ViT width) and of the output.
@@ -56,14 +56,14 @@ class MMFuser(DeepQueryFuser):
             none. Default: ``None``
         eps: epsilon of the three LayerNorms. Default: ``1e-6``
         layer_scale_init: initial value of ``gamma1`` and ``gamma2``. Default: ``0.0``
-        backend: sampling backend of :func:`layerfuse.ops.ms_deform_attn`. Default: ``"auto"``
+        backend: sampling backend of [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]. Default: ``"auto"``
 
     Shape:
         - features: ``num_levels + 1`` tensors (B, N_i, C), patch tokens only (no CLS), row-major on
           their grids; the query has N = H·W tokens
         - output: (B, N, C), the shape of the query
 
-    Example:
+    Examples:
         >>> fuser = MMFuser(1024, num_levels=4, grid=(24, 24))
         >>> feats = [torch.randn(2, 576, 1024) for _ in range(5)]  # layers -22, -17, -12, -7, -2
         >>> out = fuser(feats)
@@ -153,8 +153,8 @@ class MMFuser(DeepQueryFuser):
 
         Args:
             features: ``num_levels + 1`` tensors (B, N_i, C): the value levels in order, with the query
-                at ``query_index`` (by default last). A :class:`~layerfuse.LayerFeatures` from
-                :class:`~layerfuse.LayerTap` carries its grid.
+                at ``query_index`` (by default last). A [`LayerFeatures`][layerfuse.LayerFeatures] from
+                [`LayerTap`][layerfuse.LayerTap] carries its grid.
                 A packed ``LayerFeatures`` (per layer (sum N_i, C), per-image ``grids``) is fused in
                 one call (one zero-padded map for the sampling, Deformable DETR's batching) and gives
                 (sum N_i, C), equal to one call per image.
@@ -176,7 +176,6 @@ class MMFuser(DeepQueryFuser):
         if is_packed(features):  # images of different sizes: one call, sampling from one padded map
             return self._forward_packed(where, features, grid, level_grids, text)
         self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         query, levels, query_grid, shapes = self._split(where, features, grid, level_grids)
         points = reference_points(query_grid, device=query.device)
         value = self.feat_norm(torch.cat(levels, dim=1))
@@ -201,7 +200,6 @@ class MMFuser(DeepQueryFuser):
         """
         check_packed_call(where, features, grid, level_grids)
         self._call_args(where, features, None, text)
-        check_module_inputs(where, self, features=features)
         layers = list(features)
         for i, t in enumerate(layers):
             if t.ndim != 2 or t.shape[-1] != self.dim:

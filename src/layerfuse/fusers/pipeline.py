@@ -21,19 +21,19 @@ __all__ = ["TOKEN_MODES", "FusionProjector"]
 class FusionProjector(PretrainedMixin, nn.Module):
     r"""A fuser followed by a LLaVA projector, with the tap settings that feed it.
 
-    This is what :func:`layerfuse.convert.from_official` returns: ``layers`` lists the hidden-state
+    This is what [`layerfuse.convert.from_official`][layerfuse.convert.from_official] returns: ``layers`` lists the hidden-state
     indices it consumes, in the order ``forward`` expects (negative indices allowed), and ``tokens``
     says which tokens each of them keeps, so the whole pipeline is
 
-    .. code-block:: python
-
-        visual_tokens = module(LayerTap(vit, module.layers, tokens=module.tokens)(images))
+    ```python
+    visual_tokens = module(LayerTap(vit, module.layers, tokens=module.tokens)(images))
+    ```
 
     Args:
-        fuser: any :class:`~layerfuse.fusers.base.Fuser`.
-        projector: a :class:`~layerfuse.Projector` whose ``in_dim`` equals ``fuser.out_dim``.
+        fuser: any [`Fuser`][layerfuse.fusers.base.Fuser].
+        projector: a [`Projector`][layerfuse.Projector] whose ``in_dim`` equals ``fuser.out_dim``.
         layers: hidden-state indices feeding ``fuser`` (index 0 = embedding output, k = block k).
-        tokens: ``"patch"``, ``"cls_patch"`` or ``"all"``, as in :class:`~layerfuse.LayerTap`.
+        tokens: ``"patch"``, ``"cls_patch"`` or ``"all"``, as in [`LayerTap`][layerfuse.LayerTap].
 
     Shape:
         - features: ``len(layers)`` tensors (B, N_i, C_i); output: (B, N, projector.out_dim)

@@ -13,7 +13,6 @@ from .._checks import (
     check_choice,
     check_feature_list,
     check_grid,
-    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -63,7 +62,7 @@ class TokenConcatFuser(Fuser):
         - output: (B, N + (num_inputs - 1) * P, C), with P = N // window (1-D) or
           (H // kh) * (W // kw) (2-D)
 
-    Example:
+    Examples:
         >>> sti = TokenConcatFuser(1024, 3)  # Dense Connector STI: [L23, pool8(L7), pool8(L15)]
         >>> sti([torch.randn(2, 576, 1024) for _ in range(3)]).shape
         torch.Size([2, 720, 1024])
@@ -164,7 +163,6 @@ class TokenConcatFuser(Fuser):
         if is_packed(features):  # images of different sizes: pooling windows stay inside each image
             return self._forward_packed(where, features, grid, level_grids, text)
         checked = self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)
@@ -189,7 +187,6 @@ class TokenConcatFuser(Fuser):
         """
         check_packed_call(where, features, grid, level_grids)
         self._call_args(where, features, None, text)
-        check_module_inputs(where, self, features=features)
         layers = list(features)
         for i, t in enumerate(layers):
             if t.ndim != 2 or t.shape[-1] != self.dim:

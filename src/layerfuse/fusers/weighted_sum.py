@@ -18,7 +18,6 @@ from .._checks import (
     check_feature_list,
     check_float,
     check_float_list,
-    check_module_inputs,
     check_positive_int,
     check_same_tokens,
     check_widths,
@@ -69,7 +68,7 @@ class WeightedSumFuser(Fuser):
         - features: ``num_inputs`` tensors (B, N, C); output: (B, N, C), or (B, N, layer_proj_dim)
           with ``layer_proj``
 
-    Example:
+    Examples:
         >>> comm_clip = WeightedSumFuser(1024, 24, normalize="none", layer_proj=True)
         >>> comm_clip([torch.randn(2, 576, 1024) for _ in range(24)]).shape
         torch.Size([2, 576, 1024])
@@ -170,7 +169,6 @@ class WeightedSumFuser(Fuser):
         if is_packed(features):  # token-wise: the packed sequence as a batch of one
             return fuse_packed(where, self.forward, features, out_dim=self.out_dim, text=text)
         grid = self._call_args(where, features, grid, text)
-        check_module_inputs(where, self, features=features)
         feats = check_feature_list(where, features, length=self.num_inputs)
         check_widths(where, feats, self.in_dims)
         tokens = check_same_tokens(where, feats)

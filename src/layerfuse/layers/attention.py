@@ -1,4 +1,4 @@
-"""Multi-head attention layer (projections around :func:`layerfuse.ops.attention.attention`).
+"""Multi-head attention layer (projections around [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention]).
 
 Leaf names ``to_q``, ``to_kv`` and ``to_out`` deliberately differ from the LLM projection names that
 LoRA tooling targets by suffix (``q_proj``, ``k_proj``, ``v_proj``, ``o_proj``), so a fusion module
@@ -35,7 +35,7 @@ class Attention(nn.Module):
 
     ``to_q`` projects the queries, ``to_kv`` the context into keys and values, ``to_out`` the
     concatenated heads. With ``window`` the queries and every context level are token grids and each
-    query attends only to its window of each level (:func:`~layerfuse.ops.attention.windowed_attention`);
+    query attends only to its window of each level ([`windowed_attention`][layerfuse.ops.attention.windowed_attention]);
     without it every query attends to every context token.
 
     Args:
@@ -49,7 +49,7 @@ class Attention(nn.Module):
     Shape:
         - x: (B, N, C); context: (B, M, context_dim) (``None`` = self-attention); output: (B, N, C)
 
-    Example:
+    Examples:
         >>> attn = Attention(256, heads=4)
         >>> attn(torch.randn(2, 64, 256), torch.randn(2, 300, 256)).shape
         torch.Size([2, 64, 256])

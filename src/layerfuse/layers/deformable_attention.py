@@ -45,16 +45,16 @@ class MultiScaleDeformableAttention(nn.Module):
     normalised coordinates, the value map of level ``l`` is read there bilinearly (zero outside the
     map), and the weighted samples of all heads are concatenated and projected:
 
-    .. code-block:: text
-
-        V = value_proj(value)                              # (B, S, M, D)
-        loc = r + sampling_offsets(query) / (W_l, H_l)    # (B, Nq, M, L, P, 2)
-        A = softmax_{L·P}(attention_weights(query))       # (B, Nq, M, L, P)
-        out = output_proj(ms_deform_attn(V, spatial_shapes, loc, A))
+    ```text
+    V = value_proj(value)                              # (B, S, M, D)
+    loc = r + sampling_offsets(query) / (W_l, H_l)    # (B, Nq, M, L, P, 2)
+    A = softmax_{L·P}(attention_weights(query))       # (B, Nq, M, L, P)
+    out = output_proj(ms_deform_attn(V, spatial_shapes, loc, A))
+    ```
 
     The children and their parameter names are those of Deformable DETR's ``MSDeformAttn`` (and thus
     of MMFuser's checkpoints). Under bf16/fp16 the softmax, the sampling locations and the sampling
-    itself run in float32 (:func:`layerfuse.ops.ms_deform_attn` accumulates in float32); the linear
+    itself run in float32 ([`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn] accumulates in float32); the linear
     maps run in the module's dtype or under autocast. A ``padding_mask`` zeroes padded value tokens, as
     in Deformable DETR, for batches of images of different sizes padded to one size.
 
@@ -63,7 +63,7 @@ class MultiScaleDeformableAttention(nn.Module):
         num_levels: number of value levels L. Default: ``4``
         heads: attention heads M. Default: ``8``
         points: sampling points P per head and level. Default: ``4``
-        backend: ``backend=`` of :func:`layerfuse.ops.ms_deform_attn`: ``"auto"`` (Triton on CUDA,
+        backend: ``backend=`` of [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]: ``"auto"`` (Triton on CUDA,
             PyTorch elsewhere), ``"pytorch"``, ``"triton"`` or a registered name. Default: ``"auto"``
 
     Shape:
@@ -75,7 +75,7 @@ class MultiScaleDeformableAttention(nn.Module):
         - spatial_shapes: L pairs (H_l, W_l)
         - output: (B, Nq, C)
 
-    Example:
+    Examples:
         >>> from layerfuse.ops.reference_points import reference_points
         >>> attn = MultiScaleDeformableAttention(64, num_levels=2, heads=4)
         >>> value = torch.randn(2, 6 * 8 + 3 * 4, 64)

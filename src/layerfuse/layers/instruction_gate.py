@@ -20,10 +20,12 @@ class GateAttention(nn.Module):
     r"""Multi-head attention with ``nn.MultiheadAttention``'s parameter layout and initialisation.
 
     Queries, keys and values are projected by the rows of one packed ``in_proj_weight`` (q, k, v in
-    that order), heads attend with scaled dot products, and ``out_proj`` mixes the heads. The state
+    that order), heads attend with scaled dot products, and ``mix_heads`` mixes the heads. The state
     dict is that of ``nn.MultiheadAttention(dim, num_heads, batch_first=True)`` (``in_proj_weight``,
-    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``). The attention itself is
-    :func:`layerfuse.ops.attention.attention` (float32 softmax under bf16/fp16). No mask, no dropout.
+    ``in_proj_bias``, ``out_proj.weight``, ``out_proj.bias``) with ``out_proj`` named ``mix_heads``: OPT's
+    and MPT's attention output layers are called ``out_proj``, and LoRA name lists built from the LLM
+    match leaf names anywhere in the model. The attention itself is
+    [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention] (float32 softmax under bf16/fp16). No mask, no dropout.
 
     Args:
         dim: model width c (query, key and value width).
@@ -32,7 +34,7 @@ class GateAttention(nn.Module):
     Shape:
         - query: (B, Q, c); key_value: (B, K, c); output: (B, Q, c)
 
-    Example:
+    Examples:
         >>> attn = GateAttention(1024, 4)
         >>> attn(torch.randn(2, 1, 1024), torch.randn(2, 4, 1024)).shape
         torch.Size([2, 1, 1024])
@@ -56,15 +58,15 @@ class GateAttention(nn.Module):
         self.dim, self.num_heads = dim, num_heads
         self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim, **dd))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * dim, **dd))
-        self.out_proj = nn.Linear(dim, dim, **dd)
+        self.mix_heads = nn.Linear(dim, dim, **dd)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # nn.MultiheadAttention's init: Xavier on the packed projection, zero biases, default out_proj weight
+        # nn.MultiheadAttention's init: Xavier on the packed projection, zero biases, default output weight
         nn.init.xavier_uniform_(self.in_proj_weight)
         nn.init.zeros_(self.in_proj_bias)
-        self.out_proj.reset_parameters()
-        nn.init.zeros_(self.out_proj.bias)
+        self.mix_heads.reset_parameters()
+        nn.init.zeros_(self.mix_heads.bias)
 
     def forward(self, query: Tensor, key_value: Tensor) -> Tensor:
         w_q, w_kv = self.in_proj_weight.split([self.dim, 2 * self.dim])
@@ -74,7 +76,7 @@ class GateAttention(nn.Module):
         k = rearrange(k, "b k (h d) -> b h k d", h=self.num_heads)
         v = rearrange(v, "b k (h d) -> b h k d", h=self.num_heads)
         out = rearrange(attention(q, k, v), "b h q d -> b q (h d)")
-        return self.out_proj(out)
+        return self.mix_heads(out)
 
     def extra_repr(self) -> str:
         return f"dim={self.dim}, num_heads={self.num_heads}"
@@ -128,13 +130,14 @@ class InstructionGate(nn.Module):
     r"""Softmax weights over K layer groups, chosen by an instruction embedding (IGVA's aggregator).
 
     The instruction embedding, projected to width ``dim`` by ``sentence_proj``, is the single query of
-    ``num_blocks`` post-norm cross-attention blocks (:class:`GateBlock`) whose keys and values are the K
+    ``num_blocks`` post-norm cross-attention blocks (`GateBlock`) whose keys and values are the K
     group summaries projected by ``cls_proj`` (the same keys for every block). ``linear`` maps the final
     query to K logits and a softmax, computed in float32 (float64 stays float64), gives the weights.
 
     Parameter names equal the authors' ``vision_aggregator`` keys (``sentence_proj``, ``cls_proj``,
-    ``transformers.{t}.cross_attention.in_proj_weight``, ``...out_proj``, ``ffn.{0,2}``, ``norm1``,
-    ``norm2``, ``linear``), so their weights load without renaming.
+    ``transformers.{t}.cross_attention.in_proj_weight``, ``ffn.{0,2}``, ``norm1``, ``norm2``,
+    ``linear``) except ``cross_attention.out_proj``, named ``cross_attention.mix_heads`` here (see
+    ``GateAttention``); [`from_official`][layerfuse.from_official] renames it.
 
     Args:
         text_dim: width E of the instruction embedding (768 for ``all-mpnet-base-v2``).
@@ -154,10 +157,11 @@ class InstructionGate(nn.Module):
         - text: (B, E); summaries: (B, K, C); output: (B, K) in float32 (float64 for float64 inputs),
           rows summing to 1
 
-    Example:
+    Examples:
         >>> gate = InstructionGate(768, 1024, 4)
-        >>> gate(torch.randn(2, 768), torch.randn(2, 4, 1024)).sum(-1)
-        tensor([1.0000, 1.0000], grad_fn=<SumBackward1>)
+        >>> weights = gate(torch.randn(2, 768), torch.randn(2, 4, 1024))
+        >>> weights.shape, torch.allclose(weights.sum(-1), torch.ones(2))
+        (torch.Size([2, 4]), True)
     """
 
     text_dim: int

@@ -35,7 +35,7 @@ def sincos_2d(
         dim: channels, a multiple of 4.
         temperature: frequency base. Default: ``10000``
 
-    Example:
+    Examples:
         >>> sincos_2d((24, 32), 256).shape
         torch.Size([768, 256])
     """

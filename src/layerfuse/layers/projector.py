@@ -33,7 +33,7 @@ class Projector(PretrainedMixin, nn.Sequential):
     Shape:
         - input: (\*, in_dim); output: (\*, out_dim)
 
-    Example:
+    Examples:
         >>> proj = Projector("mlp2x_gelu", 3072, 4096)
         >>> proj(torch.randn(2, 576, 3072)).shape
         torch.Size([2, 576, 4096])
@@ -103,5 +103,5 @@ def build_projector(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
 ) -> Projector:
-    """LLaVA's ``build_vision_projector`` by ``mm_projector_type`` string; see :class:`Projector`."""
+    """LLaVA's ``build_vision_projector`` by ``mm_projector_type`` string; see [`Projector`][layerfuse.Projector]."""
     return Projector(kind, in_dim, out_dim, device=device, dtype=dtype)

@@ -40,8 +40,8 @@ class Backend(ABC, Generic[InputsT]):
     """One implementation of an op.
 
     Subclasses set ``name``, declare ``SUPPORTED_DEVICES`` (``None``: any device) and
-    ``SUPPORTED_DTYPES``, and implement :meth:`not_supported_reasons` (usually
-    :meth:`device_dtype_reasons` plus op-specific limits) and :meth:`apply`. Each reason names what came
+    ``SUPPORTED_DTYPES``, and implement `not_supported_reasons` (usually
+    `device_dtype_reasons` plus op-specific limits) and `apply`. Each reason names what came
     in and what is supported, e.g. ``"dtype=float64 (supported: bfloat16, float16)"``.
     """
 

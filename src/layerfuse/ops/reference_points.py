@@ -17,7 +17,7 @@ def reference_points(grid: Sequence[int], *, device: torch.device | str | None =
 
     Token ``t = i·W + j`` (row ``i``, column ``j``) gets ``((j + 0.5) / W, (i + 0.5) / H)``, x first, so
     (0, 0) is the top-left corner of the map and (1, 1) the bottom-right; this is the
-    ``align_corners=False`` convention of :func:`layerfuse.ops.ms_deform_attn`. Because the coordinates
+    ``align_corners=False`` convention of [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn]. Because the coordinates
     are normalised, one set of points addresses the same relative position on feature maps of any
     size, so queries on one grid can sample levels with other grids.
 
@@ -33,7 +33,7 @@ def reference_points(grid: Sequence[int], *, device: torch.device | str | None =
     Returns:
         A float32 tensor of shape (H·W, 2).
 
-    Example:
+    Examples:
         >>> reference_points((2, 3))[:4]
         tensor([[0.1667, 0.2500],
                 [0.5000, 0.2500],

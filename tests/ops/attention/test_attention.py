@@ -158,7 +158,7 @@ def test_explicit_backend_that_cannot_run_says_why():
     with pytest.raises(ValueError, match=r"dtype=float64 \(supported: bfloat16, float16, float32\)"):
         attention(q, k, v, backend="xformers")
     if not is_available("xformers"):
-        with pytest.raises(ValueError, match=r"xformers is not installed \(pip install 'layerfuse\[xformers\]'\)"):
+        with pytest.raises(ValueError, match=r"xformers is not installed \(pip install '\.\[xformers\]' in the layerfuse checkout"):
             attention(q, k, v, backend="xformers")
 
 

@@ -1,9 +1,9 @@
 """Attention with one dispatch over PyTorch SDPA, xformers and a plain PyTorch reference.
 
-Backends, one per file: ``"sdpa"`` (:mod:`.sdpa`, every device; PyTorch picks flash /
-memory-efficient / cuDNN / math), ``"xformers"`` (:mod:`.xformers`, CUDA, optional extra) and
-``"eager"`` (:mod:`.eager`, the reference). :mod:`.dispatch` holds the registry; :mod:`.window`
-builds local-window attention on top of :func:`attention`.
+Backends, one per file: ``"sdpa"`` (`sdpa`, every device; PyTorch picks flash /
+memory-efficient / cuDNN / math), ``"xformers"`` (`xformers`, CUDA, optional extra) and
+``"eager"`` (`eager`, the reference). `dispatch` holds the registry; `window`
+builds local-window attention on top of [`attention`][layerfuse.ops.attention.attention].
 """
 
 from __future__ import annotations

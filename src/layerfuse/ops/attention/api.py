@@ -1,4 +1,4 @@
-"""The public :func:`attention` op: validate, pick a backend, make fully masked rows zero."""
+"""The public [`attention`][layerfuse.ops.attention.attention] op: validate, pick a backend, make fully masked rows zero."""
 
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def attention(
             ``p if self.training else 0.0`` from a module.
         scale: factor on q·kᵀ. Default: ``D ** -0.5``.
         backend: ``"auto"``, ``"sdpa"``, ``"xformers"``, ``"eager"`` or a name given to
-            :func:`register_backend`. ``"auto"`` tries SDPA, then xformers on CUDA, then eager, and
+            [`register_backend`][layerfuse.ops.attention.register_backend]. ``"auto"`` tries SDPA, then xformers on CUDA, then eager, and
             takes the first that supports the device, dtype, head size and mask. A backend named
             explicitly never falls back: if it cannot run the inputs a ``ValueError`` says why.
 
@@ -79,7 +79,7 @@ def attention(
         ValueError: inconsistent shapes (the message prints every shape), tensors on different
             devices, an unknown backend, or a named backend that cannot run the inputs.
 
-    Example:
+    Examples:
         >>> q = torch.randn(2, 8, 576, 64)
         >>> kv = torch.randn(2, 8, 4 * 576, 64)
         >>> attention(q, kv, kv).shape

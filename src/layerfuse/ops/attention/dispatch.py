@@ -1,6 +1,6 @@
-"""Inputs, backend interface and registry of :func:`layerfuse.ops.attention.attention`.
+"""Inputs, backend interface and registry of [`layerfuse.ops.attention.attention`][layerfuse.ops.attention.attention].
 
-Modelled on xformers' fMHA dispatch: every call is packed into one :class:`AttentionInputs`, each
+Modelled on xformers' fMHA dispatch: every call is packed into one [`AttentionInputs`][layerfuse.ops.attention.AttentionInputs], each
 backend says in words why it cannot run those inputs (``not_supported_reasons``), and
 ``backend="auto"`` walks a per-device priority list taking the first backend with no reasons. A
 backend named explicitly is held to the same reasons and raises instead of falling back.
@@ -38,7 +38,7 @@ _FLOATS = FLOAT_DTYPES
 
 @dataclass(frozen=True)
 class AttentionInputs:
-    """The arguments of one :func:`~layerfuse.ops.attention.attention` call.
+    """The arguments of one [`attention`][layerfuse.ops.attention.attention] call.
 
     Attributes:
         query: (B, H, Nq, D).
@@ -159,9 +159,9 @@ class AttentionInputs:
 
 
 class AttentionBackend(Backend[AttentionInputs]):
-    """One implementation of :func:`~layerfuse.ops.attention.attention`.
+    """One implementation of [`attention`][layerfuse.ops.attention.attention].
 
-    Subclasses declare what they support in the class attributes below and implement :meth:`apply`.
+    Subclasses declare what they support in the class attributes below and implement [`apply`][layerfuse.ops.attention.dispatch.AttentionBackend.apply].
     ``not_supported_reasons`` returns an empty list when the backend can run the inputs, otherwise one
     line per problem, each naming what came in and what is supported, e.g.
     ``"dtype=float64 (supported: bfloat16, float16, float32)"``.

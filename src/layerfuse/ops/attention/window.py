@@ -10,8 +10,8 @@ every level. With equal grids and odd ``w`` this is the usual centred ``w × w``
 Computation. Queries are cut into tiles; every tile gathers the union of its queries' windows (its
 "halo") from every level and runs one dense attention call with a mask that keeps each query inside
 its own window. Memory and work grow linearly with the number of tokens, the result equals full
-attention under :func:`window_mask`, and it runs on the same backends as
-:func:`~layerfuse.ops.attention.attention` (no compilation needed).
+attention under [`window_mask`][layerfuse.ops.attention.window_mask], and it runs on the same backends as
+[`attention`][layerfuse.ops.attention.attention] (no compilation needed).
 """
 
 # b batch, h heads, d head dim, th/tw tiles along rows/cols (t = th·tw), a/c query rows/cols inside a
@@ -98,7 +98,7 @@ def window_mask(
 ) -> Tensor:
     """The bool (Hq·Wq, sum of H·W) mask, True inside each query's window, levels concatenated in order.
 
-    ``attention(q, k, v, mask=window_mask(...))`` equals :func:`windowed_attention`, at a memory cost
+    ``attention(q, k, v, mask=window_mask(...))`` equals [`windowed_attention`][layerfuse.ops.attention.windowed_attention], at a memory cost
     of Nq × Nk; it exists to define and test the windowed path.
     """
     qgrid, kgrids = _check_grids("window_mask", query_grid, key_grids)
@@ -221,9 +221,9 @@ def windowed_attention(
             level's shorter side.
         dropout_p: attention dropout probability (applied whenever > 0).
         scale: factor on q·kᵀ. Default: ``D ** -0.5``.
-        backend: attention backend, as in :func:`~layerfuse.ops.attention.attention`.
+        backend: attention backend, as in [`attention`][layerfuse.ops.attention.attention].
         tile: largest query tile side (tiles are evened out over the grid); changes speed and
-            memory only, never the result. Default: :func:`default_tile`.
+            memory only, never the result. Default: `default_tile`.
 
     Returns:
         (B, H, Hq·Wq, Dv), equal to ``attention(q, k, v, mask=window_mask(query_grid, key_grids,

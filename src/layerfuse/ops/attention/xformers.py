@@ -1,6 +1,6 @@
 """The ``"xformers"`` backend: ``xformers.ops.memory_efficient_attention`` (CUDA only).
 
-Optional (``pip install 'layerfuse[xformers]'``) and imported only when a CUDA call selects it, so
+Optional (the ``xformers`` extra) and imported only when a CUDA call selects it, so
 CPU installs never import xformers. xformers lays tensors out (B, N, H, D) and takes masks as an
 additive bias; both conversions happen here.
 """
@@ -13,7 +13,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ..._optional import is_available, require
+from ..._optional import install_hint, is_available, require
 from .dispatch import AttentionBackend, AttentionInputs
 
 __all__ = ["XFormersBackend"]
@@ -43,7 +43,7 @@ class XFormersBackend(AttentionBackend):
     def unavailable_reason(self) -> str | None:
         if is_available("xformers"):
             return None
-        return "xformers is not installed (pip install 'layerfuse[xformers]')"
+        return f"xformers is not installed ({install_hint('xformers')})"
 
     def apply(self, inputs: AttentionInputs) -> Tensor:
         xops = require("xformers.ops", extra="xformers", purpose="attention(backend='xformers')")

@@ -1,7 +1,7 @@
 """Multi-scale deformable attention (MSDA) sampling, the core of Deformable-DETR and MMFuser.
 
-Backends: ``"pytorch"`` (:mod:`.reference`, every device and dtype, the test oracle) and
-``"triton"`` (:mod:`.triton_op`, CUDA). ``backend="auto"`` picks Triton on CUDA when it can run the
+Backends: ``"pytorch"`` (`reference`, every device and dtype, the test oracle) and
+``"triton"`` (`triton_op`, CUDA). ``backend="auto"`` picks Triton on CUDA when it can run the
 inputs and the PyTorch path otherwise.
 """
 
@@ -88,7 +88,7 @@ def ms_deform_attn(
         attention_weights: (B, Nq, M, L, P) weight of each sample, already normalised by the caller
             (MMFuser applies a softmax over L·P).
         backend: ``"auto"`` (Triton on CUDA, PyTorch elsewhere), ``"pytorch"``, ``"triton"`` or a
-            name given to :func:`register_backend`. An explicitly named backend that cannot run the
+            name given to [`register_backend`][layerfuse.ops.msda.register_backend]. An explicitly named backend that cannot run the
             inputs raises ``ValueError`` listing why; only ``"auto"`` falls back.
 
     Returns:
@@ -99,7 +99,7 @@ def ms_deform_attn(
         ValueError: inconsistent shapes (the message prints every input's shape), tensors on
             different devices, an unknown backend, or a named backend that cannot run the inputs.
 
-    Example:
+    Examples:
         >>> value = torch.randn(2, 4 * 24 * 24, 16, 64)
         >>> loc = torch.rand(2, 576, 16, 4, 4, 2)
         >>> weights = torch.rand(2, 576, 16, 4, 4).flatten(-2).softmax(-1).unflatten(-1, (4, 4))

@@ -49,7 +49,7 @@ def normalize_spatial_shapes(spatial_shapes: object) -> tuple[tuple[int, int], .
 
 @dataclass(frozen=True)
 class MSDAInputs:
-    """The arguments of one :func:`layerfuse.ops.ms_deform_attn` call.
+    """The arguments of one [`layerfuse.ops.ms_deform_attn`][layerfuse.ops.ms_deform_attn] call.
 
     Attributes:
         value: (B, S, M, D), S = sum of H_l·W_l, levels concatenated in order, each row-major.
@@ -126,7 +126,7 @@ class MSDABackend(Backend[MSDAInputs]):
 
     ``not_supported_reasons`` returns an empty list when the backend can run the inputs, otherwise
     one line per problem, each saying what came in and what is supported. Backends are registered as
-    instances with :func:`layerfuse.ops.msda.register_backend`.
+    instances with [`layerfuse.ops.msda.register_backend`][layerfuse.ops.msda.register_backend].
     """
 
     def not_supported_reasons(self, inputs: MSDAInputs) -> list[str]:

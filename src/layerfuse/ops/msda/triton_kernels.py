@@ -1,4 +1,4 @@
-"""Triton kernels of multi-scale deformable attention sampling (launchers in :mod:`.triton_op`).
+"""Triton kernels of multi-scale deformable attention sampling (launchers in `triton_op`).
 
 One program handles a block of BLOCK_Q queries of one (batch, head) and all D channels. Value rows
 are gathered as (BLOCK_Q, BLOCK_D) tiles; everything accumulates in ACC_DTYPE (float32, or float64

@@ -1,6 +1,6 @@
 """Triton backend: launchers, the ``layerfuse::ms_deform_attn_*`` custom ops, fake kernels, autograd.
 
-The kernels (:mod:`.triton_kernels`) are imported on first use, so this module (and layerfuse)
+The kernels (`triton_kernels`) are imported on first use, so this module (and layerfuse)
 imports without Triton or CUDA. Both directions are ``torch.library`` ops with shape-only fake
 kernels, so ``torch.compile`` and ``torch.export`` trace through them; with
 ``torch.library.triton_op`` (feature-detected) Inductor also sees the kernels themselves.
@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..._optional import is_available
+from ..._optional import install_hint, is_available
 from .common import MSDABackend, MSDAInputs
 from .reference import ms_deform_attn_pytorch
 
@@ -99,7 +99,7 @@ def _forward_fake(
 def ms_deform_attn_backward(
     grad_out: Tensor, value: Tensor, spatial_shapes: list[int], sampling_locations: Tensor, attention_weights: Tensor
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Gradients of :func:`ms_deform_attn_forward` wrt value, sampling_locations, attention_weights."""
+    """Gradients of `ms_deform_attn_forward` wrt value, sampling_locations, attention_weights."""
     from .triton_kernels import msda_backward_kernel
 
     value, loc, attn = value.contiguous(), sampling_locations.contiguous(), attention_weights.contiguous()
@@ -172,7 +172,7 @@ class TritonBackend(MSDABackend):
         return "cuda; cpu only under the Triton interpreter, TRITON_INTERPRET=1"
 
     def unavailable_reason(self) -> str | None:
-        return None if is_available("triton") else "triton is not installed (pip install 'layerfuse[triton]')"
+        return None if is_available("triton") else f"triton is not installed ({install_hint('triton')})"
 
     def not_supported_reasons(self, inputs: MSDAInputs) -> list[str]:
         reasons = super().not_supported_reasons(inputs)
