@@ -48,7 +48,7 @@ def stock_llava(s: dict[str, int], device: torch.device, dtype: torch.dtype) -> 
 
 
 def fusion_cases(s: dict[str, int]) -> dict[str, Callable[[], FusionProjector]]:
-    width, llm, heads = s["width"], s["llm"], s["heads"]
+    width, llm, heads, depth = s["width"], s["llm"], s["heads"], s["depth"]
 
     def attach(fuser: Any, layers: Any, tokens: str = "patch") -> FusionProjector:
         return FusionProjector(fuser, Projector("mlp2x_gelu", fuser.out_dim, llm), layers=layers, tokens=tokens)
@@ -56,10 +56,11 @@ def fusion_cases(s: dict[str, int]) -> dict[str, Callable[[], FusionProjector]]:
     mm_layers = (-22, -17, -12, -7, -2)
     igva = lambda: InstructionGatedFuser(width, 768, gate_dim=min(width, 1024))  # noqa: E731
     return {
-        "Dense Connector DCI": lambda: build_fusion_projector("dense_connector_dci", dim=width, llm_dim=llm),
+        "Dense Connector DCI": lambda: build_fusion_projector("dense_connector_dci", dim=width, llm_dim=llm,
+                                                             depth=depth),
         "Dense Connector STI (720 tokens)": lambda: build_fusion_projector("dense_connector_sti", dim=width,
-                                                                            llm_dim=llm),
-        "COMM LLN (24 layers)": lambda: build_fusion_projector("comm_clip", dim=width, llm_dim=llm),
+                                                                            llm_dim=llm, depth=depth),
+        "COMM LLN (24 layers)": lambda: build_fusion_projector("comm_clip", dim=width, llm_dim=llm, depth=depth),
         "MMFuser": lambda: attach(MMFuser(width, heads=heads), mm_layers),
         "cross-attention 3x3": lambda: attach(CrossAttentionFuser(width, heads=heads, window=3), mm_layers),
         "IGVA": lambda: (lambda f: attach(f, f.layers, "cls_patch"))(igva()),

@@ -20,7 +20,9 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
 # What each script needs beyond the core (it says so in its docstring); absent ones skip the script.
 NEEDS = {
     "dense_connector_from_checkpoint.py": ("transformers",),
+    "hf_llava_mmfuser.py": ("transformers",),
     "instruction_gated.py": ("transformers",),
+    "internal_fusion.py": ("transformers",),
     "layer_similarity.py": ("timm", "matplotlib"),
     "llava_codebase.py": ("transformers", "llava", "deepspeed"),
     "mmfuser_llava.py": ("transformers", "timm"),

@@ -179,7 +179,7 @@ def _row_keys(spatial_shapes: tuple[tuple[int, int], ...], b: int, m: int, devic
 
 
 def _table_grad_sorted(grad_out: Tensor, rows: Tensor, weights: Tensor, table_rows: int) -> Tensor:
-    """:func:`_table_grad` by sorting every entry by its row: fixed sizes, for ``torch.compile``."""
+    """`_table_grad` by sorting every entry by its row: fixed sizes, for ``torch.compile``."""
     bag_size = rows.shape[1]
     flat = rows.flatten()
     sorted_rows, order = torch.sort(flat, stable=True)
