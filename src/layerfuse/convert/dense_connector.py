@@ -23,7 +23,7 @@ DENSE_CONNECTOR_TOWERS = {"clip": 24, "siglip": 27}
 def convert_dense_connector(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     variant: str = "dci",
     tower: str | None = None,
 ) -> FusionProjector:

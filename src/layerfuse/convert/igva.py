@@ -25,7 +25,7 @@ _SHAPE_KEYS = ("sentence_proj.weight", "cls_proj.weight", "linear.weight")
 def convert_igva(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     groups: Sequence[Sequence[int]] = IGVA_GROUPS,
     base_layer: int = -2,
     heads: int = 4,

@@ -29,7 +29,7 @@ def _ed_groups(strategy: str, selected: tuple[int, ...]) -> list[int | tuple[int
 def convert_lin_ed(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     strategy: str = "3-18-23",
     tower: str = "clip",
     drop_first_token: bool | None = None,

@@ -22,7 +22,7 @@ _EM_LEVELS = {"18": 1, "3-18-23": 2, "former": 12, "latter": 12, "all": 24}
 def convert_lin_em(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     strategy: str = "3-18-23",
     heads: int = 16,
     points: int = 4,

@@ -59,7 +59,7 @@ def _map_keys(
 def convert_lin_internal(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     paradigm: str | None = None,
     strategy: str = "3-18-23",
     num_layers: int | None = None,

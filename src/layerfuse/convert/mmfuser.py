@@ -25,7 +25,7 @@ _SHAPE_KEYS = ("query_norm.weight", "cross_attn.attention_weights.weight", "self
 def convert_mmfuser(
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     heads: int = 16,
     points: int = 4,
     layers: Sequence[int] = MMFUSER_LAYERS,
@@ -66,7 +66,7 @@ def convert_mmfuser(
 def load_mmfuser_projector(
     projector_state: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     heads: int,
     points: int,
     layers: Sequence[int],

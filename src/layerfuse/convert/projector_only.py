@@ -20,7 +20,7 @@ def load_projector_behind(
     plan: PresetPlan,
     state_dict: Mapping[str, Tensor],
     *,
-    dtype: torch.dtype | None,
+    dtype: torch.dtype | None = None,
     anchor: str,
     blocks: int,
     where: str,
