@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from layerfuse import __version__
+from layerfuse._optional import install_hint
 from layerfuse.cli import demo, demo_hf
 from layerfuse.cli.main import COMMANDS, main
 
@@ -125,5 +126,5 @@ def test_demo_end_to_end_section_generates_text_from_tokens(capsys):
 def test_demo_end_to_end_section_skips_with_a_note_without_transformers(monkeypatch):
     monkeypatch.setattr(demo_hf, "is_available", lambda name: name != "transformers")
     table = demo.hf_step(None)
-    assert table.rows == [("skipped: needs transformers (pip install 'layerfuse[hf]')",)]
+    assert table.rows == [(f"skipped: needs transformers ({install_hint('hf')})",)]
     assert table.render().splitlines()[0] == HF_TITLE

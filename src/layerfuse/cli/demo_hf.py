@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .._optional import is_available
+from .._optional import install_hint, is_available
 from .table import Table
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ def hf_step(ctx: DemoContext) -> Table:
     """Fuse MMFuser into a tiny HF LLaVA, then tokenise a prompt, generate and decode."""
     title = "End to end in a Hugging Face LLaVA (tiny LLM, random weights)"
     if not is_available("transformers"):
-        return Table(title, ("status",), [("skipped: needs transformers (pip install 'layerfuse[hf]')",)])
+        return Table(title, ("status",), [(f"skipped: needs transformers ({install_hint('hf')})",)])
     from ..fusers import FusionProjector, MMFuser
     from ..integrations.transformers import fuse_llava
     from ..layers import Projector

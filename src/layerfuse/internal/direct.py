@@ -50,6 +50,7 @@ class InternalDirect(InternalFusion):
 
     Examples:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> from layerfuse.internal import InternalDirect, lin_layer_map
         >>> llm = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=8,
         ...                                    num_attention_heads=4, vocab_size=64))
         >>> fusion = InternalDirect(16, 32, lin_layer_map("3-18-23", 8)).attach(llm)

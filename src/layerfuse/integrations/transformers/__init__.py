@@ -1,4 +1,4 @@
-"""Layerfuse fusion projectors inside Hugging Face LLaVA models (needs ``pip install 'layerfuse[hf]'``)."""
+"""Layerfuse fusion projectors inside Hugging Face LLaVA models (needs the ``hf`` extra)."""
 
 import inspect
 

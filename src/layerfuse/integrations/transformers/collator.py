@@ -49,10 +49,13 @@ class InstructionCollator:
             Default: ``"conversations"``
 
     Examples:
-        >>> collator = InstructionCollator(TextEmbedder(encoder, tokenizer), default_data_collator)
-        >>> batch = collator([{"instruction": "What is on the table?", "input_ids": ..., ...}])
-        >>> batch["instruction_embeds"].shape
-        torch.Size([1, 768])
+        A sketch (``encoder`` / ``tokenizer``: any HF sentence encoder, e.g. a 768-wide one):
+
+        ```python
+        collator = InstructionCollator(TextEmbedder(encoder, tokenizer), default_data_collator)
+        batch = collator([{"instruction": "What is on the table?", "input_ids": ..., ...}])
+        batch["instruction_embeds"].shape  # torch.Size([1, 768])
+        ```
     """
 
     def __init__(

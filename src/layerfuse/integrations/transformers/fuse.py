@@ -93,14 +93,20 @@ def fuse_llava(
             another length, or with decoder layers outside the LLM.
 
     Examples:
-        >>> from layerfuse.presets import build_fusion_projector
-        >>> from layerfuse.integrations.transformers import fuse_llava
-        >>> module = build_fusion_projector("dense_connector_dci", dim=1024, llm_dim=4096)
-        >>> fused = fuse_llava(llava, module)      # llava: LlavaForConditionalGeneration
-        >>> fused.save_pretrained("llava-dci")    # AutoModelForImageTextToText.from_pretrained("llava-dci")
-        >>> from layerfuse.internal import DeepStack
-        >>> deepstack = DeepStack(1024, 4096, projector="mlp2x_gelu")   # after decoder layers 0, 1, 2
-        >>> fused = fuse_llava(llava, module, internal=deepstack, internal_layers=[8, 16, 24])
+        With ``llava`` a `LlavaForConditionalGeneration` whose tower has 24 blocks (CLIP ViT-L/14-336);
+        `examples/hf_llava_mmfuser.py` runs the whole flow on a tiny random model:
+
+        ```python
+        from layerfuse.presets import build_fusion_projector
+        from layerfuse.integrations.transformers import fuse_llava
+        module = build_fusion_projector("dense_connector_dci", dim=1024, llm_dim=4096, depth=24)
+        fused = fuse_llava(llava, module)
+        fused.save_pretrained("llava-dci")  # AutoModelForImageTextToText.from_pretrained("llava-dci")
+
+        from layerfuse.internal import DeepStack
+        deepstack = DeepStack(1024, 4096, projector="mlp2x_gelu")  # after decoder layers 0, 1, 2
+        fused = fuse_llava(llava, module, internal=deepstack, internal_layers=[8, 16, 24])
+        ```
     """
     where = "fuse_llava"
     family = next(((cfg, cls) for stock, cfg, cls in _FAMILIES if isinstance(model, stock)), None)
