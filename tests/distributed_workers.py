@@ -16,6 +16,7 @@ from torch import nn
 
 from layerfuse import ConcatFuser, FusionProjector, MMFuser, Projector
 from layerfuse.serialization import real_class
+from spawn_ranks import mark_done
 
 WORLD_SIZE = 2
 BATCH = 4  # split 2 + 2 over the ranks
@@ -84,6 +85,8 @@ def worker(rank: int, out: str) -> None:
             folder.mkdir(exist_ok=True)
             _run(rank, kind, strategy, folder)
             dist.barrier()
+        mark_done(out, rank)
+        dist.barrier()  # every rank has reported done before any starts tearing gloo down
     finally:
         dist.destroy_process_group()
 

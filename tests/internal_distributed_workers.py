@@ -11,6 +11,7 @@ from torch import nn
 
 from internal_llm import tiny_llama
 from layerfuse.internal import DeepStack, InternalDirect, InternalModular
+from spawn_ranks import mark_done
 
 WORLD_SIZE = 2
 STEPS = 2
@@ -104,5 +105,7 @@ def worker(rank: int, out: str) -> None:
             model.fusion.detach()
         if rank == 0:
             torch.save(results, Path(out) / "result.pt")
+        mark_done(out, rank)  # after rank 0's file is written
+        dist.barrier()  # every rank has reported done before any starts tearing gloo down
     finally:
         dist.destroy_process_group()

@@ -6,11 +6,11 @@ import json
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from distributed_workers import SCENARIOS, WORLD_SIZE, single_process, worker
 from layerfuse import ConcatFuser, FusionProjector, MMFuser, Projector
 from layerfuse.serialization import CONFIG_NAME, PretrainedMixin, full_state_dict, real_class
+from spawn_ranks import spawn_ranks
 
 pytestmark = pytest.mark.skipif(
     not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed with gloo"
@@ -21,7 +21,7 @@ pytestmark = pytest.mark.skipif(
 def two_ranks(tmp_path_factory):
     """One spawn of two gloo ranks that runs every scenario of distributed_workers.SCENARIOS."""
     out = tmp_path_factory.mktemp("distributed")
-    mp.spawn(worker, args=(str(out),), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(worker, out, WORLD_SIZE)
     return out
 
 
@@ -77,3 +77,17 @@ def test_compiled_module_saves_the_plain_class_and_keys(tmp_path):
     assert again.state_dict().keys() == expected.keys()
     for key, value in again.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+
+def test_an_abort_after_a_rank_is_done_warns_and_before_fails(tmp_path):
+    import torch.multiprocessing as mp
+
+    from spawn_ranks import abort_after_done, abort_before_done
+
+    (tmp_path / "after").mkdir()
+    (tmp_path / "before").mkdir()
+    with pytest.warns(RuntimeWarning, match="after finishing its work"):
+        spawn_ranks(abort_after_done, tmp_path / "after", 2)
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):
+        spawn_ranks(abort_before_done, tmp_path / "before", 2)

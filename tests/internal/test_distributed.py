@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(
@@ -16,9 +15,10 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     from internal_distributed_workers import WORLD_SIZE, worker
+    from spawn_ranks import spawn_ranks
 
     out = tmp_path_factory.mktemp("internal_distributed")
-    mp.spawn(worker, args=(str(out),), nprocs=WORLD_SIZE, join=True)
+    spawn_ranks(worker, out, WORLD_SIZE)
     return torch.load(out / "result.pt", weights_only=True)
 
 
